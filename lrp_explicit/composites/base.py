@@ -1,0 +1,216 @@
+"""The :class:`Composite`: binds rules to a model's modules and functional ops, and unbinds them."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import threading
+from collections import Counter
+from typing import Any, Callable, Iterator, Mapping
+
+from torch import nn
+
+from .. import dispatch
+from ..ops import ATTNLRP_OPS, Handler
+
+__all__ = ["Composite", "CompositeError"]
+
+RuleFactory = Callable[[nn.Module], nn.Module]
+
+
+class CompositeError(RuntimeError):
+    """A composite cannot be registered or removed (already registered, nothing registered)."""
+
+
+_carriers: dict[int, "Composite"] = {}  # id(model) -> the composite registered on it
+_carriers_lock = threading.Lock()
+
+
+class Composite:
+    """Map module types, module-name patterns and functional ops to LRP rules.
+
+    Parameters
+    ----------
+    modules : dict
+        Keys are module classes (matched through the class hierarchy, the most specific entry
+        wins) or ``fnmatch`` patterns of qualified module names (``"layers.*.mlp.act"``; they
+        take precedence over classes). Values are rule factories, typically a class of
+        :mod:`lrp_explicit.rules` or a ``functools.partial`` of one, called with the module.
+    ops : dict, optional
+        Op-table entries ``{op name: handler}`` merged over :data:`lrp_explicit.ops.ATTNLRP_OPS`;
+        a value of ``None`` removes the entry (calls of that op are then unruled).
+    strict : bool
+        Raise :class:`lrp_explicit.UnruledOpError` for an op on the relevance path without a
+        rule, instead of warning once per (op, module path).
+    epsilon : float, optional
+        ε-stabiliser for all rules; ``None`` takes the default of each tensor's dtype.
+    name : str, optional
+        A label shown in messages and ``repr``.
+
+    Examples
+    --------
+    >>> comp = Composite({nn.Linear: rules.EpsilonRule, nn.GELU: rules.IdentityRule})
+    >>> with comp.context(model):
+    ...     x = inputs.requires_grad_()
+    ...     y = model(x)[0, target]
+    ...     y.backward(y.detach())
+    >>> relevance = x.grad
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[type | str, RuleFactory],
+        ops: Mapping[str, Handler | None] | None = None,
+        strict: bool = False,
+        epsilon: float | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.module_rules = dict(modules)
+        table = dict(ATTNLRP_OPS)
+        for key, handler in (ops or {}).items():
+            if handler is None:
+                table.pop(key, None)
+            else:
+                table[key] = handler
+        self.ops: dict[str, Handler] = table
+        self.strict = strict
+        self.epsilon = epsilon
+        self.name = name or "composite"
+        self.model: nn.Module | None = None
+        self.unruled: Counter[tuple[str, str]] = Counter()
+        self._undo: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        state = "registered" if self.model is not None else "not registered"
+        return f"Composite({self.name!r}, {len(self.module_rules)} module rules, {state})"
+
+    # ------------------------------------------------------------------ matching
+
+    def rule_for(self, name: str, module: nn.Module) -> RuleFactory | None:
+        """The rule factory for ``module`` at qualified name ``name``, or ``None``."""
+        for key, factory in self.module_rules.items():
+            if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
+                return factory
+        for cls in type(module).__mro__:
+            factory = self.module_rules.get(cls)
+            if factory is not None:
+                return factory
+        return None
+
+    # ------------------------------------------------------------------ register / remove
+
+    def register(self, model: nn.Module) -> nn.Module:
+        """Bind the rules to ``model`` in place and return it.
+
+        Matching child modules are replaced by their rule wrappers, parameters are frozen
+        (``requires_grad=False``), every module is put in eval mode, and the op dispatch is
+        activated for this model's forward only.
+
+        Raises
+        ------
+        CompositeError
+            If ``model`` already carries a composite or this composite is registered elsewhere.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"register() needs an nn.Module, got {type(model).__name__}")
+        with _carriers_lock:
+            if self.model is not None:
+                raise CompositeError(f"{self!r} is already registered on a model; call remove() "
+                                     "first or create another composite")
+            other = _carriers.get(id(model))
+            if other is not None:
+                raise CompositeError(
+                    f"{type(model).__name__} already carries {other!r}; remove it first")
+            _carriers[id(model)] = self
+            self.model = model
+        try:
+            self._bind(model)
+        except BaseException:
+            self.remove()
+            raise
+        return model
+
+    def _bind(self, model: nn.Module) -> None:
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
+        modes = [(m, m.training) for m in model.modules()]
+        self._undo.append(lambda: [m.train(t) if m.training != t else None for m, t in modes])
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+
+        wrappers: dict[int, nn.Module] = {}
+        opaque: set[int] = set()
+        self._wrap_children(model, "", wrappers, opaque)
+        dispatch.bind(self, model, opaque)
+        self._undo.append(lambda: dispatch.unbind(self))
+        self.unruled.clear()
+
+    def _wrap_children(self, parent: nn.Module, prefix: str, wrappers: dict[int, nn.Module],
+                       opaque: set[int]) -> None:
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}{child_name}"
+            if id(child) in wrappers:  # a module shared between parents: reuse its wrapper
+                wrapper = wrappers[id(child)]
+            else:
+                factory = self.rule_for(name, child)
+                if factory is None:
+                    self._wrap_children(child, name + ".", wrappers, opaque)
+                    continue
+                wrapper = factory(child)
+                if getattr(wrapper, "epsilon", 0) is None:
+                    wrapper.epsilon = self.epsilon
+                wrappers[id(child)] = wrapper
+                opaque.update(id(m) for m in wrapper.modules())
+            setattr(parent, child_name, wrapper)
+            self._undo.append(lambda p=parent, n=child_name, c=child: setattr(p, n, c))
+
+    def remove(self) -> None:
+        """Undo :meth:`register`: the very same module objects, ``requires_grad`` flags and
+        train/eval modes are restored and no hook or mode is left behind."""
+        if self.model is None:
+            return
+        while self._undo:
+            self._undo.pop()()
+        with _carriers_lock:
+            _carriers.pop(id(self.model), None)
+            self.model = None
+
+    @contextlib.contextmanager
+    def context(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Register on ``model`` for the duration of a ``with`` block, then remove."""
+        self.register(model)
+        try:
+            yield model
+        finally:
+            self.remove()
+
+    @contextlib.contextmanager
+    def op_rules(self, label: str = "<op_rules>") -> Iterator[None]:
+        """Apply this composite's op table to functional code outside the model's forward.
+
+        Use it for post-processing that is part of the explained function, e.g. pooling and a
+        cosine similarity computed on the model's outputs.
+        """
+        dispatch.enter(self, label)
+        try:
+            yield
+        finally:
+            dispatch.leave()
+
+    # ------------------------------------------------------------------ unruled ops
+
+    def _report_unruled(self, op: str, path: str) -> None:
+        key = (op, path)
+        first = key not in self.unruled
+        self.unruled[key] += 1
+        if self.strict:
+            raise dispatch.UnruledOpError(
+                f"no LRP rule for {op} on the relevance path in module '{path}' "
+                f"({self.name}, strict mode)")
+        if first:
+            dispatch.warn_unruled(op, path)
+
+
+def carrier(model: nn.Module) -> Composite | None:
+    """The composite registered on ``model``, if any."""
+    return _carriers.get(id(model))

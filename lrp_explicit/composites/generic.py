@@ -1,0 +1,55 @@
+"""Generic AttnLRP and CP-LRP composites for models built from plain PyTorch blocks.
+
+They bind ``nn.Linear`` (ε), ``nn.Conv1d/2d/3d`` (ε through a vector-Jacobian product),
+``nn.LayerNorm``/``nn.RMSNorm`` (constant std), the element-wise activation modules (identity),
+``nn.Softmax`` and dropout, and leave attention, residuals, gates and pooling written with
+functional calls to the shared op table. A hand-written transformer block needs no extra code.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .. import rules
+from ..ops import CPLRP_OPS
+from . import register
+from .base import Composite
+
+__all__ = ["ACTIVATIONS", "attnlrp", "cp_lrp"]
+
+#: Element-wise activation modules of ``torch.nn`` (identity rule).
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LogSigmoid,
+)
+
+
+def _module_rules(softmax_rule: type[rules.Rule]) -> dict[Any, Any]:
+    table: dict[Any, Any] = {
+        nn.Linear: rules.EpsilonRule,
+        nn.Conv1d: rules.EpsilonRule,
+        nn.Conv2d: rules.EpsilonRule,
+        nn.Conv3d: rules.EpsilonRule,
+        nn.LayerNorm: rules.NormRule,
+        nn.RMSNorm: rules.NormRule,
+        nn.Softmax: softmax_rule,
+        nn.Dropout: rules.PassRule,
+        nn.Identity: rules.PassRule,
+    }
+    table.update({act: rules.IdentityRule for act in ACTIVATIONS})
+    return table
+
+
+def attnlrp(**options: Any) -> Composite:
+    """AttnLRP (Achtibat et al., ICML 2024) for plain PyTorch models."""
+    return Composite(_module_rules(rules.SoftmaxRule), name="attnlrp", **options)
+
+
+def cp_lrp(**options: Any) -> Composite:
+    """CP-LRP (Ali et al., 2022): attention weights and gates held constant."""
+    return Composite(_module_rules(rules.StopRule), ops=CPLRP_OPS, name="cp-lrp", **options)
+
+
+register("attnlrp", attnlrp)
+register("cp-lrp", cp_lrp)

@@ -1,0 +1,200 @@
+"""Op-level rule dispatch: a ``TorchFunctionMode`` active only inside registered models.
+
+While a module of a registered model runs its forward (and only then), a
+:class:`RuleMode` is on this thread's torch-function mode stack. It sees every functional call
+and routes those with a tensor argument on the relevance path (one that requires grad:
+parameters are frozen at registration) to the handler that the composite's op table names
+(:mod:`lrp_explicit.ops`). Layout ops pass through. Any other call whose output lands on the
+relevance path is an *unruled op*: a warning once per (op, module path), or
+:class:`UnruledOpError` in strict mode.
+
+Entering and leaving modules is tracked by global module hooks (installed while at least one
+composite is registered). Each thread keeps its own stack of frames, so other threads and other
+models are untouched. Inside a module bound to a module-level rule, inside a module of a model
+without composite, and inside opaque modules, the dispatch is suspended.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn.modules import module as _module_mod
+from torch.overrides import TorchFunctionMode
+
+from .ops import OP_NAMES, PASS_THROUGH, NoRule, on_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .composites.base import Composite
+
+__all__ = ["UnruledOpError", "UnruledOpWarning", "RuleMode", "op_name"]
+
+
+class UnruledOpError(RuntimeError):
+    """An op on the relevance path has no LRP rule (raised in strict mode)."""
+
+
+class UnruledOpWarning(UserWarning):
+    """An op on the relevance path has no LRP rule; plain autograd was used for it."""
+
+
+def op_name(func: Any) -> str:
+    """A readable name for a torch function, e.g. ``torch.cumsum`` or ``Tensor.cumsum``."""
+    owner = getattr(func, "__self__", None)
+    if owner is not None and type(owner).__name__ == "getset_descriptor":
+        return f"Tensor.{owner.__name__}"
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    qual = qual.replace("TensorBase.", "Tensor.").replace("_TensorBase.", "Tensor.")
+    if "." in qual:
+        return qual
+    module = getattr(func, "__module__", None) or "torch"
+    if module.startswith("torch.nn.functional"):
+        return f"F.{qual}"
+    return f"torch.{qual}"
+
+
+@dataclass
+class _Frame:
+    module: Any
+    composite: "Composite | None"  # None: dispatch suspended
+    path: str
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.frames: list[_Frame] = []
+        self.mode: RuleMode | None = None
+
+
+_state = _State()
+_lock = threading.Lock()
+# id(module) -> (module, composite, qualified name, opaque)
+_modules: dict[int, tuple[Any, "Composite", str, bool]] = {}
+_hook_handles: list = []
+
+
+def _any_on_path(args: tuple, kwargs: dict) -> bool:
+    for a in args:
+        if on_path(a):
+            return True
+        if isinstance(a, (list, tuple)) and any(on_path(t) for t in a):
+            return True
+    return any(on_path(v) for v in kwargs.values())
+
+
+def _output_on_path(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad
+    if isinstance(out, (list, tuple)):
+        return any(_output_on_path(o) for o in out)
+    return False
+
+
+class RuleMode(TorchFunctionMode):
+    """Routes functional calls on the relevance path to the top frame's composite."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        frames = _state.frames
+        composite = frames[-1].composite if frames else None
+        if composite is None or func in PASS_THROUGH or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        name = OP_NAMES.get(func)
+        if name is not None:
+            handler = composite.ops.get(name)
+            if handler is not None and _any_on_path(args, kwargs):
+                try:
+                    return handler(func, args, kwargs, composite.epsilon)
+                except NoRule:
+                    pass
+        out = func(*args, **kwargs)
+        if _output_on_path(out):
+            composite._report_unruled(op_name(func), frames[-1].path)
+        return out
+
+
+def _push(frame: _Frame) -> None:
+    frames = _state.frames
+    frames.append(frame)
+    if len(frames) == 1:
+        mode = RuleMode()
+        mode.__enter__()
+        _state.mode = mode
+
+
+def _pop() -> None:
+    frames = _state.frames
+    frames.pop()
+    if not frames and _state.mode is not None:
+        mode, _state.mode = _state.mode, None
+        mode.__exit__(None, None, None)
+
+
+def _pre_hook(module, args):
+    entry = _modules.get(id(module))
+    frames = _state.frames
+    if entry is None:
+        if frames:  # a module outside the registered model: suspend the dispatch inside it
+            _push(_Frame(module, None, type(module).__name__))
+        return
+    _, composite, path, opaque = entry
+    _push(_Frame(module, None if opaque else composite, path))
+
+
+def _post_hook(module, args, output):
+    frames = _state.frames
+    if frames and frames[-1].module is module:
+        _pop()
+
+
+def enter(composite: "Composite", path: str) -> None:
+    """Activate ``composite``'s op rules on this thread until :func:`leave`."""
+    _push(_Frame(None, composite, path))
+
+
+def leave() -> None:
+    """Undo the matching :func:`enter`."""
+    _pop()
+
+
+def bind(composite: "Composite", model: torch.nn.Module, opaque: set[int]) -> None:
+    """Start dispatching for every module of ``model``; ``opaque`` holds ids of modules whose
+    inside the dispatch must not touch (module-level rules)."""
+    with _lock:
+        for name, mod in model.named_modules(remove_duplicate=False):
+            if id(mod) in _modules and _modules[id(mod)][1] is not composite:
+                raise RuntimeError(f"module {name or type(mod).__name__!r} already belongs to "
+                                   "another registered composite")
+            _modules[id(mod)] = (mod, composite, name or "<root>", id(mod) in opaque)
+        if not _hook_handles:
+            _hook_handles.append(_module_mod.register_module_forward_pre_hook(_pre_hook))
+            _hook_handles.append(
+                _module_mod.register_module_forward_hook(_post_hook, always_call=True))
+
+
+def unbind(composite: "Composite") -> None:
+    """Stop dispatching for ``composite``; the global hooks go when no composite is left."""
+    with _lock:
+        for key in [k for k, v in _modules.items() if v[1] is composite]:
+            del _modules[key]
+        if not _modules:
+            for handle in _hook_handles:
+                handle.remove()
+            _hook_handles.clear()
+
+
+def hooks_installed() -> bool:
+    """True while the global module hooks of the dispatch are installed."""
+    return bool(_hook_handles)
+
+
+def warn_unruled(op: str, path: str) -> None:
+    warnings.warn(
+        f"lrp_explicit: no LRP rule for {op} on the relevance path in module '{path}'; "
+        "plain autograd is used there, so the relevance through it is a gradient, not LRP. "
+        "Add a rule to the composite's op table or a module rule (strict=True raises).",
+        UnruledOpWarning,
+        stacklevel=4,
+    )

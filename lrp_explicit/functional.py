@@ -1,0 +1,674 @@
+"""Explicit LRP rules as :class:`torch.autograd.Function` objects.
+
+Every Function here computes its forward with the plain PyTorch op, so the output is bit for
+bit what the op returns, and replaces the backward by an LRP rule: the "gradient" that flows
+backward is relevance. After ``y.backward(R)`` the relevance of a leaf ``x`` is ``x.grad``.
+
+The rules (``s(z) = z + ε·sign(z)`` with ``sign(0) = +1``):
+
+=====================  ===========================================================
+ε-linear               ``R_x = x ⊙ ((R ⊘ s(z)) W)``; the bias absorbs its share
+uniform-ε matmul       ``R_A = ½ A ⊙ ((R ⊘ s(z)) Bᵀ)``, ``R_B = ½ B ⊙ (Aᵀ (R ⊘ s(z)))``;
+                       a constant operand leaves the full ε-rule to the other
+ε-add                  ``R_a = a ⊙ R ⊘ s(z)``; a constant operand absorbs its share
+uniform mul            ``R_a = R_b = ½ R``; a constant factor gives the identity
+identity               ``R_x = R`` for element-wise functions
+softmax                Gradient×Input: ``R_x = x ⊙ (R − s ⊙ Σ R)``; masked inputs get 0
+layer norm             σ held constant: ``g = (R ⊘ s(y)) ⊙ w / σ``, ``R_x = x ⊙ (g − mean g)``
+RMS norm               σ held constant: ``R_x = R ⊙ y ⊘ s(y)`` (``= R`` as ε → 0)
+ε-reduction            ``R_i = x_i ⊙ R ⊘ s(z)`` for sums and means
+stop                   ``R_x = 0``: the output is a constant for autograd
+=====================  ===========================================================
+
+Relevance is summed over broadcast dimensions so that every operand receives relevance of its
+own shape, and operands that do not require grad receive ``None``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_EPSILON",
+    "default_epsilon",
+    "stabilize",
+    "linear_epsilon",
+    "addmm_epsilon",
+    "matmul_uniform",
+    "bilinear_uniform",
+    "add_epsilon",
+    "mul_uniform",
+    "identity",
+    "softmax",
+    "scaled_dot_product_attention",
+    "layer_norm",
+    "rms_norm",
+    "sum_epsilon",
+    "mean_epsilon",
+    "stop",
+]
+
+#: Default ε per dtype: tiny in float64 so that conservation and equivalence checks hold
+#: without passing ε, larger in half precision so that nothing divides by (almost) zero.
+DEFAULT_EPSILON: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+
+def default_epsilon(dtype: torch.dtype) -> float:
+    """Return the default ε-stabiliser for tensors of ``dtype``."""
+    return DEFAULT_EPSILON.get(dtype, 1e-6)
+
+
+def _eps(epsilon: float | None, dtype: torch.dtype) -> float:
+    return default_epsilon(dtype) if epsilon is None else epsilon
+
+
+def stabilize(z: Tensor, epsilon: float | None = None) -> Tensor:
+    """Sign-aware stabiliser ``s(z) = z + ε·sign(z)`` with ``sign(0) = +1``.
+
+    Parameters
+    ----------
+    z : Tensor
+        The denominator to stabilise.
+    epsilon : float, optional
+        The stabiliser; ``None`` takes :func:`default_epsilon` of ``z.dtype``.
+    """
+    eps = _eps(epsilon, z.dtype)
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+def _divide(relevance: Tensor, z: Tensor, epsilon: float | None) -> Tensor:
+    """``R ⊘ s(z)``, computed in the result dtype of the two."""
+    return relevance / stabilize(z, epsilon)
+
+
+def _sum_to(relevance: Tensor, like: Tensor) -> Tensor:
+    """Sum ``relevance`` over broadcast dimensions to the shape and dtype of ``like``."""
+    if relevance.shape != like.shape:
+        relevance = relevance.sum_to_size(like.shape)
+    return relevance.to(like.dtype)
+
+
+def _needs(ctx, index: int) -> bool:
+    return ctx.needs_input_grad[index]
+
+
+# --------------------------------------------------------------------------------------------
+# ε-rule for affine maps and the uniform-ε rule for products of two relevance-path operands
+# --------------------------------------------------------------------------------------------
+
+
+def _matmul_grads(a: Tensor, b: Tensor, g: Tensor, need_a: bool, need_b: bool):
+    """Vector-Jacobian products of ``torch.matmul(a, b)`` at cotangent ``g``, per operand shape."""
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    g2 = g
+    if a.dim() == 1:
+        g2 = g2.unsqueeze(-2)
+    if b.dim() == 1:
+        g2 = g2.unsqueeze(-1)
+    grad_a = grad_b = None
+    if need_a:
+        grad_a = (g2 @ b2.mT).sum_to_size(a2.shape).reshape(a.shape)
+    if need_b:
+        grad_b = (a2.mT @ g2).sum_to_size(b2.shape).reshape(b.shape)
+    return grad_a, grad_b
+
+
+class MatmulUniformFunction(torch.autograd.Function):
+    """``torch.matmul`` (or ``bmm``/``mm``) with the uniform-ε rule (AttnLRP Prop. 3.3)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, epsilon: float | None, op: Callable = torch.matmul):
+        z = op(a, b)
+        ctx.epsilon = epsilon
+        ctx.save_for_backward(a, b, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):
+        a, b, z = ctx.saved_tensors
+        need_a, need_b = _needs(ctx, 0), _needs(ctx, 1)
+        share = 0.5 if (need_a and need_b) else 1.0
+        g = _divide(relevance, z, ctx.epsilon)
+        grad_a, grad_b = _matmul_grads(a, b, g.to(a.dtype), need_a, need_b)
+        r_a = None if grad_a is None else (a * grad_a).mul_(share)
+        r_b = None if grad_b is None else (b * grad_b).mul_(share)
+        return r_a, r_b, None, None
+
+
+def matmul_uniform(a: Tensor, b: Tensor, epsilon: float | None = None) -> Tensor:
+    """``torch.matmul(a, b)`` with the uniform-ε rule.
+
+    Both operands on the relevance path share the relevance half and half (AttnLRP Prop. 3.3);
+    if one operand does not require grad, the other receives the full ε-rule.
+
+    Parameters
+    ----------
+    a, b : Tensor
+        Operands of :func:`torch.matmul` (1-D operands and broadcast batch dimensions allowed).
+    epsilon : float, optional
+        ε-stabiliser; ``None`` takes the dtype default.
+    """
+    return MatmulUniformFunction.apply(a, b, epsilon)
+
+
+class LinearEpsilonFunction(torch.autograd.Function):
+    """``F.linear`` with the ε-rule; a weight on the relevance path shares uniformly with ``x``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, epsilon: float | None):
+        z = F.linear(x, weight, bias)
+        ctx.epsilon = epsilon
+        ctx.save_for_backward(x, weight, bias, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance: Tensor):
+        x, weight, bias, z = ctx.saved_tensors
+        need_x, need_w, need_b = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
+        share = 0.5 if (need_x and need_w) else 1.0
+        g = _divide(relevance, z, ctx.epsilon).to(x.dtype)
+        r_x = r_w = r_b = None
+        if need_x:
+            r_x = (x * (g @ weight)).mul_(share)
+        if need_w:
+            gw = g.reshape(-1, g.shape[-1]).mT @ x.reshape(-1, x.shape[-1])
+            r_w = (weight * gw).mul_(share)
+        if need_b:
+            r_b = _sum_to(bias * g, bias)
+        return r_x, r_w, r_b, None
+
+
+def linear_epsilon(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, epsilon: float | None = None
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` with the ε-rule ``R_x = x ⊙ ((R ⊘ s(z)) W)``.
+
+    The bias absorbs its share ``b ⊙ R ⊘ s(z)`` (relevance only reaches it when it requires
+    grad). A weight that requires grad is treated as a second relevance-path operand and
+    shares the relevance uniformly with ``x``.
+    """
+    return LinearEpsilonFunction.apply(x, weight, bias, epsilon)
+
+
+class AddmmEpsilonFunction(torch.autograd.Function):
+    """``torch.addmm(c, m1, m2, beta=β, alpha=α)`` with the ε-rule (GPT-2's ``Conv1D``)."""
+
+    @staticmethod
+    def forward(ctx, c, m1, m2, beta, alpha, epsilon):
+        z = torch.addmm(c, m1, m2, beta=beta, alpha=alpha)
+        ctx.beta, ctx.alpha, ctx.epsilon = beta, alpha, epsilon
+        ctx.save_for_backward(c, m1, m2, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance):
+        c, m1, m2, z = ctx.saved_tensors
+        need_c, need_1, need_2 = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
+        share = ctx.alpha * (0.5 if (need_1 and need_2) else 1.0)
+        g = _divide(relevance, z, ctx.epsilon).to(m1.dtype)
+        r_c = r_1 = r_2 = None
+        if need_c:
+            r_c = _sum_to(c * g * ctx.beta, c)
+        if need_1:
+            r_1 = (m1 * (g @ m2.mT)).mul_(share)
+        if need_2:
+            r_2 = (m2 * (m1.mT @ g)).mul_(share)
+        return r_c, r_1, r_2, None, None, None
+
+
+def addmm_epsilon(
+    c: Tensor,
+    m1: Tensor,
+    m2: Tensor,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+    epsilon: float | None = None,
+) -> Tensor:
+    """``torch.addmm(c, m1, m2)`` with the ε-rule: ``c`` absorbs its share, the product
+    follows :func:`matmul_uniform`."""
+    return AddmmEpsilonFunction.apply(c, m1, m2, beta, alpha, epsilon)
+
+
+class BilinearUniformFunction(torch.autograd.Function):
+    """Uniform-ε rule for any function ``fn`` linear in each of its tensor inputs.
+
+    The backward takes the vector-Jacobian product of ``fn`` at ``R ⊘ s(z)`` (one recomputation
+    of ``fn``), multiplies by each input and divides by the number of inputs on the relevance
+    path. With one input on the path this is the ε-rule of a module linear in its input.
+    """
+
+    @staticmethod
+    def forward(ctx, fn: Callable, epsilon: float | None, *inputs: Tensor):
+        z = fn(*inputs)
+        ctx.fn, ctx.epsilon = fn, epsilon
+        ctx.save_for_backward(z, *inputs)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance):
+        z, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        count = sum(needs)
+        g = _divide(relevance, z, ctx.epsilon).to(z.dtype)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+            out = ctx.fn(*leaves)
+            wanted = [t for t, n in zip(leaves, needs) if n]
+            grads = iter(torch.autograd.grad(out, wanted, g, allow_unused=True))
+        result = []
+        for t, n in zip(inputs, needs):
+            if not n:
+                result.append(None)
+                continue
+            grad = next(grads)
+            result.append(None if grad is None else (t * grad).div_(count))
+        return (None, None, *result)
+
+
+def bilinear_uniform(fn: Callable[..., Tensor], *inputs: Tensor, epsilon: float | None = None):
+    """Apply ``fn(*inputs)`` (linear in each input) with the uniform-ε rule.
+
+    Used for ``einsum`` with two operands and for modules linear in their input (``Conv2d``
+    and the like): ``R_i = x_i ⊙ VJP_i(R ⊘ s(z)) / n`` for the ``n`` inputs on the path.
+    """
+    return BilinearUniformFunction.apply(fn, epsilon, *inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise rules: ε-add, uniform mul, identity
+# --------------------------------------------------------------------------------------------
+
+
+class AddEpsilonFunction(torch.autograd.Function):
+    """``z = c_a·a + c_b·b`` with the ε-rule; the forward calls ``op`` (add, sub, rsub, …)."""
+
+    @staticmethod
+    def forward(ctx, a, b, coef_a: float, coef_b: float, epsilon, op: Callable):
+        z = op(a, b)
+        ctx.coef_a, ctx.coef_b, ctx.epsilon = coef_a, coef_b, epsilon
+        ctx.save_for_backward(a if _needs(ctx, 0) else None, b if _needs(ctx, 1) else None, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance):
+        a, b, z = ctx.saved_tensors
+        g = _divide(relevance, z, ctx.epsilon)
+        r_a = None if a is None else _sum_to(g * a if ctx.coef_a == 1 else g * a * ctx.coef_a, a)
+        r_b = None if b is None else _sum_to(g * b if ctx.coef_b == 1 else g * b * ctx.coef_b, b)
+        return r_a, r_b, None, None, None, None
+
+
+def add_epsilon(a: Tensor, b: Tensor | float, epsilon: float | None = None) -> Tensor:
+    """``a + b`` with the ε-rule ``R_a = a ⊙ R ⊘ s(z)``, ``R_b = b ⊙ R ⊘ s(z)``.
+
+    An operand that does not require grad (a mask, a position embedding, a bias, a Python
+    number) absorbs its share of the relevance.
+    """
+    return AddEpsilonFunction.apply(a, b, 1.0, 1.0, epsilon, torch.add)
+
+
+class UniformFunction(torch.autograd.Function):
+    """``z = op(*inputs)`` with relevance split equally among the inputs on the path.
+
+    With one input on the path this is the identity rule (``R_x = R``); with two it is the
+    uniform rule of gate products (AttnLRP Prop. 3.2). Relevance is summed back over
+    broadcast dimensions.
+    """
+
+    @staticmethod
+    def forward(ctx, op: Callable, *inputs):
+        ctx.shapes = [(t.shape, t.dtype) if isinstance(t, Tensor) else None for t in inputs]
+        return op(*inputs)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        needs = ctx.needs_input_grad[1:]
+        count = sum(needs)
+        share = relevance if count == 1 else relevance / count
+        result = []
+        for need, meta in zip(needs, ctx.shapes):
+            if not need:
+                result.append(None)
+                continue
+            shape, dtype = meta
+            r = share.sum_to_size(shape) if share.shape != shape else share
+            result.append(r.to(dtype))
+        return (None, *result)
+
+
+def mul_uniform(a: Tensor, b: Tensor | float) -> Tensor:
+    """``a * b`` with the uniform rule: ``R_a = R_b = ½ R`` when both are on the relevance path,
+    the identity to the other operand when one factor is constant."""
+    return UniformFunction.apply(torch.mul, a, b)
+
+
+def identity(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` with the identity rule ``R_x = R`` (element-wise activations, scaling).
+
+    Parameters
+    ----------
+    fn : callable
+        An element-wise function of ``x``; it runs without grad, so its output is exact.
+    x : Tensor
+        The input on the relevance path.
+    """
+    return UniformFunction.apply(fn, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax (Gradient×Input) and scaled dot-product attention
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax_relevance(x: Tensor, s: Tensor, relevance: Tensor, dim: int) -> Tensor:
+    """``x ⊙ (R − s ⊙ Σ_dim R)`` with 0 at masked inputs (−inf or the dtype's minimum)."""
+    out = relevance - s * relevance.sum(dim, keepdim=True)
+    out = out.to(x.dtype).mul_(x)
+    return out.masked_fill_(x <= torch.finfo(x.dtype).min, 0.0)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """``torch.softmax`` with the Gradient×Input rule (AttnLRP Prop. 3.1)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, dtype: torch.dtype | None):
+        s = torch.softmax(x, dim, dtype=dtype)
+        ctx.dim = dim
+        ctx.save_for_backward(x, s)
+        return s
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, s = ctx.saved_tensors
+        return _softmax_relevance(x, s, relevance, ctx.dim), None, None
+
+
+def softmax(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.softmax(x, dim, dtype=dtype)`` with ``R_x = x ⊙ (R − s ⊙ Σ_dim R)``.
+
+    Masked positions (``x`` equal to −inf or to the dtype's minimum) receive 0, never NaN.
+    """
+    return SoftmaxFunction.apply(x, dim, dtype)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """``F.scaled_dot_product_attention`` decomposed into the rules in its backward.
+
+    The forward calls the fused op (exact output). The backward recomputes the attention
+    weights ``A = softmax(q kᵀ·scale + mask)`` and applies: uniform-ε to ``A v`` (or, with
+    ``hold_weights``, the ε-rule to ``v`` alone as in CP-LRP), Gradient×Input to the softmax,
+    ε-add with the additive mask absorbing its share, identity to the scaling and uniform-ε
+    to ``q kᵀ``. Grouped-query heads sum their relevance back over the group.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, hold_weights):
+        kwargs = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": scale}
+        if enable_gqa:
+            kwargs["enable_gqa"] = True
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        ctx.is_causal, ctx.scale, ctx.epsilon, ctx.hold = is_causal, scale, epsilon, hold_weights
+        ctx.save_for_backward(q, k, v, attn_mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, relevance):
+        q, k, v, mask = ctx.saved_tensors
+        need_q, need_k, need_v = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
+        if ctx.hold:
+            need_q = need_k = False
+        groups = q.shape[-3] // k.shape[-3] if q.dim() >= 3 and k.dim() >= 3 else 1
+        ke = k.repeat_interleave(groups, dim=-3) if groups > 1 else k
+        ve = v.repeat_interleave(groups, dim=-3) if groups > 1 else v
+        scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+        scores = q @ ke.mT
+        pre = scores * scale
+        x = pre
+        length, source = q.shape[-2], k.shape[-2]
+        if ctx.is_causal:
+            keep = torch.ones(length, source, dtype=torch.bool, device=q.device).tril_()
+            x = x.masked_fill(~keep, float("-inf"))
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                x = x.masked_fill(~mask, float("-inf"))
+            else:
+                x = x + mask
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        weights = torch.softmax(x, -1, dtype=torch.float32 if low else None)
+        weights = weights.to(q.dtype).nan_to_num_(0.0)  # fully masked rows: 0, not NaN
+        z = weights @ ve
+
+        g = _divide(relevance, z, ctx.epsilon).to(q.dtype)
+        r_q = r_k = r_v = None
+        if need_v:
+            r_v = ve * (weights.mT @ g)
+            if not ctx.hold:
+                r_v.mul_(0.5)
+            if groups > 1:
+                r_v = r_v.unflatten(-3, (-1, groups)).sum(-3)
+            r_v = _sum_to(r_v, v)
+        if need_q or need_k:
+            r_weights = weights * (g @ ve.mT) * 0.5
+            r_x = _softmax_relevance(x, weights, r_weights, -1)
+            if mask is not None and mask.dtype != torch.bool:
+                r_x = pre * _divide(r_x, x, ctx.epsilon)  # the additive mask absorbs its share
+            # identity through the scaling, then uniform-ε through q kᵀ
+            gs = _divide(r_x, scores, ctx.epsilon).to(q.dtype)
+            if need_q:
+                r_q = _sum_to((q * (gs @ ke)).mul_(0.5), q)
+            if need_k:
+                r_k = (ke * (gs.mT @ q)).mul_(0.5)
+                if groups > 1:
+                    r_k = r_k.unflatten(-3, (-1, groups)).sum(-3)
+                r_k = _sum_to(r_k, k)
+        return r_q, r_k, r_v, None, None, None, None, None, None
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    epsilon: float | None = None,
+    hold_weights: bool = False,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` (no dropout) with the AttnLRP rules.
+
+    Parameters
+    ----------
+    q, k, v, attn_mask, is_causal, scale, enable_gqa
+        As for :func:`torch.nn.functional.scaled_dot_product_attention`; ``attn_mask`` may be
+        boolean (``True`` attends) or additive.
+    epsilon : float, optional
+        ε-stabiliser; ``None`` takes the dtype default.
+    hold_weights : bool
+        Hold the attention weights constant (CP-LRP): all relevance goes to ``v``.
+    """
+    return AttentionFunction.apply(
+        q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, hold_weights
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation layers with the standard deviation held constant
+# --------------------------------------------------------------------------------------------
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """LayerNorm with σ held constant and the ε-rule on the remaining linear map."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, epsilon, op):
+        y = op(x) if op is not None else F.layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.dims = tuple(range(-len(normalized_shape), 0))
+        ctx.eps, ctx.epsilon = eps, epsilon
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, weight, y = ctx.saved_tensors
+        dims = ctx.dims
+        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        g = _divide(relevance, y, ctx.epsilon) * torch.rsqrt(var + ctx.eps)
+        if weight is not None:
+            g = g * weight
+        r_x = (g - g.mean(dim=dims, keepdim=True)).mul_(x)
+        return r_x.to(x.dtype), None, None, None, None, None, None
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    epsilon: float | None = None,
+) -> Tensor:
+    """``F.layer_norm`` with σ held constant: ``g = (R ⊘ s(y)) ⊙ w / σ``,
+    ``R_x = x ⊙ (g − mean(g))``. The bias and the centring absorb their shares."""
+    return LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, eps, epsilon, None)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with σ held constant: a diagonal linear map, so ``R_x = R ⊙ y ⊘ s(y)``."""
+
+    @staticmethod
+    def forward(ctx, x, op, epsilon):
+        y = op(x)
+        ctx.epsilon = epsilon
+        ctx.save_for_backward(y)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, relevance):
+        (y,) = ctx.saved_tensors
+        r_x = _divide(relevance, y, ctx.epsilon).mul_(y)
+        return r_x.to(ctx.dtype), None, None
+
+
+def rms_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    eps: float | None = 1e-6,
+    offset: float = 0.0,
+    epsilon: float | None = None,
+) -> Tensor:
+    """``F.rms_norm`` over the last dimension with scale ``offset + weight`` and σ held constant.
+
+    ``offset=1.0`` gives the ``(1 + w)`` scale of Gemma-style norms. The relevance passes
+    unchanged up to the ε-stabiliser: ``R_x = R ⊙ y ⊘ s(y)``.
+    """
+    if weight is not None and offset:
+        weight = weight + offset
+    shape = (x.shape[-1],)
+
+    def op(t):
+        return F.rms_norm(t, shape, weight, eps)
+
+    return RMSNormFunction.apply(x, op, epsilon)
+
+
+def norm_rule(x: Tensor, op: Callable[[Tensor], Tensor], kind: str, *, weight=None, eps=1e-5,
+              epsilon: float | None = None, normalized_shape: Sequence[int] | None = None):
+    """Apply a norm module's own forward ``op`` with the constant-std rule of ``kind``.
+
+    ``kind`` is ``"layer"`` (centring, needs ``weight``, ``eps`` and ``normalized_shape``)
+    or ``"rms"``. Used by :class:`lrp_explicit.rules.NormRule` for modules of any class.
+    """
+    if kind == "rms":
+        return RMSNormFunction.apply(x, op, epsilon)
+    shape = tuple(normalized_shape or (x.shape[-1],))
+    return LayerNormFunction.apply(x, shape, weight, None, eps, epsilon, op)
+
+
+# --------------------------------------------------------------------------------------------
+# ε-reductions and stop
+# --------------------------------------------------------------------------------------------
+
+
+class ReductionEpsilonFunction(torch.autograd.Function):
+    """``sum``/``mean`` over ``dim`` with the ε-rule ``R_i = (x_i / n) ⊙ R ⊘ s(z)``."""
+
+    @staticmethod
+    def forward(ctx, x, dim, keepdim, epsilon, op, is_mean):
+        z = op(x)
+        if dim is None:
+            dims = tuple(range(x.dim()))
+        else:
+            dims = tuple(d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+        ctx.dims, ctx.keepdim, ctx.epsilon = dims, keepdim, epsilon
+        ctx.scale = 1.0 / math.prod(x.shape[d] for d in dims) if is_mean else 1.0
+        ctx.save_for_backward(x, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, z = ctx.saved_tensors
+        g = _divide(relevance, z, ctx.epsilon)
+        if not ctx.keepdim and g.dim() != x.dim():
+            for d in sorted(ctx.dims):
+                g = g.unsqueeze(d)
+        r_x = x * g
+        if ctx.scale != 1.0:
+            r_x = r_x.mul_(ctx.scale)
+        return r_x.to(x.dtype), None, None, None, None, None
+
+
+def sum_epsilon(
+    x: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False,
+    epsilon: float | None = None,
+) -> Tensor:
+    """``torch.sum(x, dim, keepdim)`` with the ε-rule ``R_i = x_i ⊙ R ⊘ s(z)``."""
+    if dim is None:
+        return ReductionEpsilonFunction.apply(x, None, False, epsilon, torch.sum, False)
+    return ReductionEpsilonFunction.apply(
+        x, dim, keepdim, epsilon, lambda t: torch.sum(t, dim, keepdim), False
+    )
+
+
+def mean_epsilon(
+    x: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False,
+    epsilon: float | None = None,
+) -> Tensor:
+    """``torch.mean(x, dim, keepdim)`` with the ε-rule ``R_i = (x_i / n) ⊙ R ⊘ s(z)``."""
+    if dim is None:
+        return ReductionEpsilonFunction.apply(x, None, False, epsilon, torch.mean, True)
+    return ReductionEpsilonFunction.apply(
+        x, dim, keepdim, epsilon, lambda t: torch.mean(t, dim, keepdim), True
+    )
+
+
+class StopFunction(torch.autograd.Function):
+    """The stop rule: the output is marked non-differentiable, so it is a constant for autograd
+    and any later rule treats it as such (a constant operand absorbs or yields its share)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.detach()  # shares storage; a view would stay differentiable
+        ctx.mark_non_differentiable(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, relevance):  # pragma: no cover - never called: the output is constant
+        return None
+
+
+def stop(x: Tensor) -> Tensor:
+    """Return ``x`` as a constant for the relevance (``R_x = 0``); values are unchanged."""
+    return StopFunction.apply(x)

@@ -1,0 +1,389 @@
+"""The op table: which functional call gets which LRP rule.
+
+Stock models do most of their work in functional calls (``a + b``, ``torch.matmul``,
+``F.softmax``, ``F.scaled_dot_product_attention``, ``torch.addmm``, ``F.layer_norm`` …). This
+module maps each such torch function to a canonical op name (:data:`OP_NAMES`) and each name to
+a *handler* that calls the matching Function of :mod:`lrp_explicit.functional`.
+
+A handler has the signature ``handler(func, args, kwargs, epsilon) -> output``: ``func`` is the
+intercepted torch function, ``args``/``kwargs`` its arguments (at least one tensor argument is on
+the relevance path), ``epsilon`` the composite's ε (``None`` for the dtype default). It must
+return exactly what ``func(*args, **kwargs)`` returns in the forward. A handler may raise
+:class:`NoRule` to declare this particular call unruled.
+
+:data:`ATTNLRP_OPS` and :data:`CPLRP_OPS` are the two shipped tables; a
+:class:`~lrp_explicit.Composite` takes one and lets users override entries by name.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import functional as lf
+
+__all__ = ["OP_NAMES", "PASS_THROUGH", "ATTNLRP_OPS", "CPLRP_OPS", "NoRule", "Handler",
+           "on_path", "GATE_ATTR"]
+
+Handler = Callable[[Callable, tuple, dict, "float | None"], Any]
+T = torch.Tensor
+
+#: Attribute set on outputs of element-wise activations; CP-LRP holds such gates constant.
+GATE_ATTR = "_lrp_gate"
+
+
+class NoRule(Exception):
+    """Raised by a handler when this particular call has no rule (e.g. ``a / b`` with both
+    operands on the relevance path)."""
+
+
+def on_path(x: Any) -> bool:
+    """True if ``x`` is a tensor on the relevance path (it requires grad)."""
+    return isinstance(x, Tensor) and x.requires_grad
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _call(func, args, kwargs):
+    return lambda *_: func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- add / subtract
+
+
+_SUB = {torch.sub, torch.subtract, T.sub, T.subtract, T.__sub__, T.sub_, T.__isub__}
+_RSUB = {T.__rsub__, torch.rsub}
+_INPLACE = {T.add_, T.__iadd__, T.sub_, T.__isub__, T.mul_, T.__imul__, T.div_, T.__idiv__,
+            T.__itruediv__}
+
+
+def _add(func, args, kwargs, epsilon):
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    if func in _RSUB:  # other - alpha * self
+        coef_a, coef_b = -alpha, 1.0
+    elif func in _SUB:
+        coef_a, coef_b = 1.0, -alpha
+    else:
+        coef_a, coef_b = 1.0, alpha
+    if func in _INPLACE:
+        return _inplace(func, args, kwargs, a, b, coef_a, coef_b, epsilon)
+    return lf.AddEpsilonFunction.apply(a, b, coef_a, coef_b, epsilon,
+                                       lambda x, y: func(x, y, *args[2:], **kwargs))
+
+
+class _AddInplaceFunction(torch.autograd.Function):
+    """In-place ``a += c·b`` with the ε-rule; ``a``'s old value is ``z − c·b``."""
+
+    @staticmethod
+    def forward(ctx, a, b, coef_b, epsilon, op):
+        op(a, b)
+        ctx.mark_dirty(a)
+        ctx.coef_b, ctx.epsilon = coef_b, epsilon
+        ctx.save_for_backward(b if isinstance(b, Tensor) else None, a)
+        ctx.other = None if isinstance(b, Tensor) else b
+        return a
+
+    @staticmethod
+    def backward(ctx, relevance):
+        b, z = ctx.saved_tensors
+        other = b if b is not None else ctx.other
+        part_b = other * ctx.coef_b
+        g = lf._divide(relevance, z, ctx.epsilon)
+        r_a = g * (z - part_b)
+        r_b = lf._sum_to(g * part_b, b) if ctx.needs_input_grad[1] else None
+        return r_a, r_b, None, None, None
+
+
+class _UniformInplaceFunction(torch.autograd.Function):
+    """In-place ``a *= b`` / ``a /= b``: identity to ``a`` (constant ``b``) or ½ each."""
+
+    @staticmethod
+    def forward(ctx, a, b, op):
+        ctx.b_meta = (b.shape, b.dtype) if isinstance(b, Tensor) else None
+        op(a, b)
+        ctx.mark_dirty(a)
+        return a
+
+    @staticmethod
+    def backward(ctx, relevance):
+        if not ctx.needs_input_grad[1]:
+            return relevance, None, None
+        half = relevance / 2
+        shape, dtype = ctx.b_meta
+        return half, half.sum_to_size(shape).to(dtype), None
+
+
+def _inplace(func, args, kwargs, a, b, coef_a, coef_b, epsilon):
+    if not on_path(a):
+        raise NoRule  # a constant updated in place by a path tensor: no rule for that
+    op = lambda x, y: func(x, y, *args[2:], **kwargs)  # noqa: E731
+    if func in (T.mul_, T.__imul__, T.div_, T.__idiv__, T.__itruediv__):
+        if func is not T.mul_ and func is not T.__imul__ and on_path(b):
+            raise NoRule
+        return _UniformInplaceFunction.apply(a, b, op)
+    return _AddInplaceFunction.apply(a, b, coef_b, epsilon, op)
+
+
+# ---------------------------------------------------------------------------- mul / div / neg
+
+
+def _mark_gate(out: Tensor) -> Tensor:
+    setattr(out, GATE_ATTR, True)
+    return out
+
+
+def _mul_uniform(func, args, kwargs, epsilon):
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    if func in _INPLACE:
+        return _inplace(func, args, kwargs, a, b, 1.0, 1.0, epsilon)
+    return lf.UniformFunction.apply(lambda x, y: func(x, y, *args[2:], **kwargs), a, b)
+
+
+def _mul_gate_constant(func, args, kwargs, epsilon):
+    """CP-LRP: a product of a gate (activation output) and a signal holds the gate constant."""
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    if on_path(a) and on_path(b):
+        gate_a, gate_b = getattr(a, GATE_ATTR, False), getattr(b, GATE_ATTR, False)
+        if gate_a != gate_b:
+            a, b = (lf.stop(a), b) if gate_a else (a, lf.stop(b))
+            args = (a, b) + tuple(args[2:])
+            kwargs = {k: v for k, v in kwargs.items() if k != "other"}
+    return _mul_uniform(func, args, kwargs, epsilon)
+
+
+_RDIV = {T.__rdiv__, T.__rtruediv__}
+
+
+def _div(func, args, kwargs, epsilon):
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    if kwargs.get("rounding_mode") is not None or (on_path(a) and on_path(b)):
+        raise NoRule
+    if func in _INPLACE:
+        return _inplace(func, args, kwargs, a, b, 1.0, 1.0, epsilon)
+    # x / c is a scaling, c / x an element-wise function of x: both take the identity rule.
+    path = a if on_path(a) else b
+    if path is a:
+        fn = lambda x: func(x, b, *args[2:], **kwargs)  # noqa: E731
+    else:
+        fn = lambda x: func(a, x, *args[2:], **kwargs)  # noqa: E731
+    return lf.UniformFunction.apply(fn, path)
+
+
+def _identity(func, args, kwargs, epsilon):
+    """Element-wise function of one path tensor (activations, scaling, negation)."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    paths = [i for i, x in enumerate(args) if on_path(x)]
+    if len(paths) != 1 or any(on_path(v) for v in kwargs.values()):
+        raise NoRule
+    i = paths[0]
+
+    def fn(x):
+        return func(*args[:i], x, *args[i + 1:], **kwargs)
+
+    return lf.UniformFunction.apply(fn, args[i])
+
+
+def _activation(func, args, kwargs, epsilon):
+    return _mark_gate(_identity(func, args, kwargs, epsilon))
+
+
+# ---------------------------------------------------------------------------- products
+
+
+def _matmul(func, args, kwargs, epsilon):
+    a, b = args[0], _arg(args, kwargs, 1, "other", _arg(args, kwargs, 1, "mat2"))
+    if func is T.__rmatmul__:
+        a, b = b, a
+    return lf.MatmulUniformFunction.apply(a, b, epsilon, lambda x, y: func(*args, **kwargs))
+
+
+def _einsum(func, args, kwargs, epsilon):
+    equation, *operands = args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if len(operands) != 2 or not all(isinstance(t, Tensor) for t in operands):
+        raise NoRule
+    return lf.bilinear_uniform(lambda x, y: torch.einsum(equation, x, y), *operands,
+                               epsilon=epsilon)
+
+
+def _linear(func, args, kwargs, epsilon):
+    x, weight = args[0], _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    return lf.linear_epsilon(x, weight, bias, epsilon)
+
+
+def _addmm(func, args, kwargs, epsilon):
+    c, m1, m2 = args[0], _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    return lf.addmm_epsilon(c, m1, m2, beta, alpha, epsilon)
+
+
+# ---------------------------------------------------------------------------- softmax, attention
+
+
+def _softmax_args(args, kwargs):
+    dim = _arg(args, kwargs, 1, "dim")
+    dtype = kwargs.get("dtype")
+    if dtype is None and len(args) > 2 and isinstance(args[2], torch.dtype):
+        dtype = args[2]
+    if dim is None:
+        raise NoRule
+    return args[0], dim, dtype
+
+
+def _softmax_gxi(func, args, kwargs, epsilon):
+    x, dim, dtype = _softmax_args(args, kwargs)
+    return lf.softmax(x, dim, dtype)
+
+
+def _softmax_stop(func, args, kwargs, epsilon):
+    """CP-LRP: the attention weights are constants."""
+    return lf.stop(func(*args, **kwargs))
+
+
+def _sdpa(hold_weights: bool) -> Handler:
+    def handler(func, args, kwargs, epsilon):
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                 "enable_gqa")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        if bound.get("dropout_p", 0.0):
+            raise NoRule
+        return lf.scaled_dot_product_attention(
+            bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+            bool(bound.get("is_causal", False)), bound.get("scale"),
+            bool(bound.get("enable_gqa", False)), epsilon, hold_weights)
+
+    handler.__name__ = "sdpa_cp" if hold_weights else "sdpa_attnlrp"
+    return handler
+
+
+# ---------------------------------------------------------------------------- norms, reductions
+
+
+def _layer_norm(func, args, kwargs, epsilon):
+    x, shape = args[0], _arg(args, kwargs, 1, "normalized_shape")
+    weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    if on_path(weight) or on_path(bias):
+        raise NoRule
+    return lf.LayerNormFunction.apply(x, tuple(shape), weight, bias, eps, epsilon,
+                                      lambda t: func(t, *args[1:], **kwargs))
+
+
+def _rms_norm(func, args, kwargs, epsilon):
+    if any(on_path(t) for t in list(args[1:]) + list(kwargs.values())):
+        raise NoRule
+    return lf.RMSNormFunction.apply(args[0], lambda t: func(t, *args[1:], **kwargs), epsilon)
+
+
+def _reduction(func, args, kwargs, epsilon):
+    x = args[0]
+    dim = _arg(args, kwargs, 1, "dim")
+    if isinstance(dim, torch.dtype):  # torch.sum(x, dtype) form
+        dim = None
+    keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+    is_mean = func in (torch.mean, T.mean)
+    if dim is not None and not isinstance(dim, int):
+        dim = tuple(dim)
+        if not dim:  # sum over an empty dim list reduces everything
+            dim = None
+    return lf.ReductionEpsilonFunction.apply(
+        x, dim, keepdim, epsilon, lambda t: func(t, *args[1:], **kwargs), is_mean)
+
+
+# ---------------------------------------------------------------------------- the tables
+
+_ACTIVATIONS = [
+    F.gelu, F.silu, F.relu, torch.relu, T.relu, F.relu6, F.elu, F.selu, F.celu, F.leaky_relu,
+    F.softplus, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.tanh, F.sigmoid, F.logsigmoid,
+    torch.tanh, T.tanh, torch.sigmoid, T.sigmoid, torch.exp, T.exp, torch.erf, T.erf,
+    torch.sqrt, T.sqrt, torch.rsqrt, T.rsqrt, torch.abs, T.abs, torch.square, T.square,
+    torch.reciprocal, T.reciprocal, torch.log, T.log, torch.sin, T.sin, torch.cos, T.cos,
+    torch.clamp, T.clamp, torch.clip, T.clip, torch.pow, T.pow, T.__pow__, T.__rpow__,
+]
+
+#: torch function -> canonical op name
+OP_NAMES: dict[Callable, str] = {}
+
+
+def _names(name: str, funcs) -> None:
+    for f in funcs:
+        OP_NAMES[f] = name
+
+
+_names("add", [torch.add, T.add, T.__add__, T.__radd__, T.add_, T.__iadd__,
+               *_SUB, *_RSUB])
+_names("mul", [torch.mul, torch.multiply, T.mul, T.multiply, T.__mul__, T.__rmul__, T.mul_,
+               T.__imul__])
+_names("div", [torch.div, torch.divide, torch.true_divide, T.div, T.divide, T.true_divide,
+               T.__truediv__, T.__div__, T.div_, T.__idiv__, T.__itruediv__, *_RDIV])
+_names("scale", [torch.neg, torch.negative, T.neg, T.negative, T.__neg__])
+_names("matmul", [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm,
+                  torch.mm, T.mm, torch.mv, T.mv])
+_names("einsum", [torch.einsum])
+_names("linear", [F.linear])
+_names("addmm", [torch.addmm, T.addmm])
+_names("softmax", [torch.softmax, T.softmax, F.softmax, torch.nn.functional.softmax])
+_names("sdpa", [F.scaled_dot_product_attention])
+_names("layer_norm", [F.layer_norm])
+_names("rms_norm", [F.rms_norm])
+_names("sum", [torch.sum, T.sum, torch.mean, T.mean])
+_names("activation", _ACTIVATIONS)
+
+#: Layout and selection ops whose plain autograd already moves relevance correctly.
+PASS_THROUGH: frozenset = frozenset([
+    T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.transpose, torch.transpose,
+    T.permute, torch.permute, T.t, torch.t, T.contiguous, T.clone, torch.clone, T.detach,
+    torch.detach, T.to, T.type, T.type_as, T.float, T.double, T.half, T.bfloat16,
+    T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze, T.flatten, torch.flatten,
+    T.unflatten, torch.unflatten, T.expand, T.expand_as, T.repeat, T.repeat_interleave,
+    torch.repeat_interleave, T.narrow, torch.narrow, T.select, torch.select, T.__getitem__,
+    T.__setitem__, T.split, torch.split, T.chunk, torch.chunk, T.unbind, torch.unbind,
+    torch.cat, torch.concat, torch.concatenate, torch.stack, T.index_select,
+    torch.index_select, T.gather, torch.gather, torch.where, T.where, T.masked_fill,
+    torch.masked_fill, T.masked_fill_, F.pad, F.dropout, T.roll, torch.roll, T.flip,
+    torch.flip, T.movedim, torch.movedim, T.swapaxes, torch.swapaxes, T.tril, torch.tril,
+    T.triu, torch.triu, torch.max, T.max, torch.min, T.min, torch.amax, T.amax, torch.amin,
+    T.amin, torch.topk, T.topk, torch.sort, T.sort, T.T.__get__, T.mT.__get__,
+    T.H.__get__, T.mH.__get__, T.data.__get__, T.real.__get__, T.requires_grad_,
+    T.__len__, T.dim, T.size, T.__iter__,
+])
+
+_COMMON: dict[str, Handler] = {
+    "add": _add,
+    "div": _div,
+    "scale": _identity,
+    "matmul": _matmul,
+    "einsum": _einsum,
+    "linear": _linear,
+    "addmm": _addmm,
+    "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+    "sum": _reduction,
+    "activation": _activation,
+}
+
+#: AttnLRP (Achtibat et al. 2024): uniform rules for products, softmax as Gradient×Input.
+ATTNLRP_OPS: dict[str, Handler] = {
+    **_COMMON,
+    "mul": _mul_uniform,
+    "softmax": _softmax_gxi,
+    "sdpa": _sdpa(hold_weights=False),
+}
+
+#: CP-LRP (Ali et al. 2022): attention weights and gates held constant.
+CPLRP_OPS: dict[str, Handler] = {
+    **_COMMON,
+    "mul": _mul_gate_constant,
+    "softmax": _softmax_stop,
+    "sdpa": _sdpa(hold_weights=True),
+}
