@@ -45,14 +45,14 @@ def op_name(func: Any) -> str:
     owner = getattr(func, "__self__", None)
     if owner is not None and type(owner).__name__ == "getset_descriptor":
         return f"Tensor.{owner.__name__}"
-    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-    qual = qual.replace("TensorBase.", "Tensor.").replace("_TensorBase.", "Tensor.")
-    if "." in qual:
-        return qual
-    module = getattr(func, "__module__", None) or "torch"
+    name = getattr(func, "__name__", None) or repr(func)
+    qual = getattr(func, "__qualname__", name)
+    if qual.startswith(("TensorBase.", "_TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    module = getattr(func, "__module__", None) or ""
     if module.startswith("torch.nn.functional"):
-        return f"F.{qual}"
-    return f"torch.{qual}"
+        return f"F.{name}"
+    return f"torch.{name}"
 
 
 @dataclass

@@ -136,11 +136,11 @@ class Composite:
         self._undo.append(lambda: [m.train(t) if m.training != t else None for m, t in modes])
         for p, _ in flags:
             p.requires_grad_(False)
-        model.eval()
 
         wrappers: dict[int, nn.Module] = {}
         opaque: set[int] = set()
         self._wrap_children(model, "", wrappers, opaque)
+        model.eval()
         dispatch.bind(self, model, opaque)
         self._undo.append(lambda: dispatch.unbind(self))
         self.unruled.clear()
