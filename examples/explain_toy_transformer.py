@@ -11,8 +11,8 @@ This is a complete, self-contained example that runs on a CPU in a few seconds:
 3. It explains the class-1 logit of one positive held-out sequence with
    ``lrp_explicit.composites.get("attnlrp", model)`` and with ``"cp-lrp"``, prints the
    relevance of every token (red: evidence for class 1, blue: against it), the conservation
-   check (the input relevance sums to the explained logit) and whether the most relevant
-   token is the needle.
+   check (how much of the explained logit the input relevance adds up to) and whether the
+   most relevant token is the needle.
 
 The model is written with plain ``torch`` calls only, so the generic composites need no extra
 code: ``nn.Linear``, ``nn.RMSNorm`` and ``nn.SiLU`` get module rules, while the attention,
@@ -151,6 +151,16 @@ def explain(model: nn.Module, tokens: torch.Tensor, target: int, method: str) ->
     return x.grad[0].sum(-1), logit.item()
 
 
+#: What to expect of the conservation check for each composite on this (bias-free) model.
+NOTES = {
+    "attnlrp": "AttnLRP's Gradient x Input rule for the softmax is not conservative: most of "
+               "the relevance sent into the attention weights is absorbed there, so the sum "
+               "falls short of the logit.",
+    "cp-lrp": "CP-LRP holds the attention weights and the MLP gates constant; without biases "
+              "the input relevance sums to the logit up to the epsilon-stabiliser.",
+}
+
+
 def colour(word: str, value: float, scale: float, enabled: bool) -> str:
     """``word`` on a background whose colour is red (positive) or blue (negative), the more
     saturated the larger ``|value| / scale``."""
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                               for w, r in zip(words, relevance.tolist())))
         total = relevance.sum().item()
         print(f"  conservation: sum of input relevance {total:.4f} vs explained logit "
-              f"{logit:.4f} (difference {total - logit:+.2e})")
+              f"{logit:.4f} (difference {total - logit:+.2e}, {total / logit:.1%} of the logit)")
+        print(f"  note: {NOTES[method]}")
         top = int(relevance.argmax())
         is_key = tokens[0, top].item() == KEY_ID
         all_ok &= is_key
