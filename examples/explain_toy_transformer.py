@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -153,9 +154,10 @@ def explain(model: nn.Module, tokens: torch.Tensor, target: int, method: str) ->
 
 #: What to expect of the conservation check for each composite on this (bias-free) model.
 NOTES = {
-    "attnlrp": "AttnLRP's Gradient x Input rule for the softmax is not conservative: most of "
-               "the relevance sent into the attention weights is absorbed there, so the sum "
-               "falls short of the logit.",
+    "attnlrp": "AttnLRP's Gradient x Input rule for the softmax is not conservative: much of "
+               "the relevance sent into the attention weights is absorbed there (when the "
+               "weights hardly depend on the score differences), so the sum can fall short of "
+               "the logit.",
     "cp-lrp": "CP-LRP holds the attention weights and the MLP gates constant; without biases "
               "the input relevance sums to the logit up to the epsilon-stabiliser.",
 }
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         total = relevance.sum().item()
         print(f"  conservation: sum of input relevance {total:.4f} vs explained logit "
               f"{logit:.4f} (difference {total - logit:+.2e}, {total / logit:.1%} of the logit)")
-        print(f"  note: {NOTES[method]}")
+        print(textwrap.fill(NOTES[method], 92, initial_indent="  note: ",
+                            subsequent_indent="        "))
         top = int(relevance.argmax())
         is_key = tokens[0, top].item() == KEY_ID
         all_ok &= is_key

@@ -110,11 +110,14 @@ def _matmul_grads(a: Tensor, b: Tensor, g: Tensor, need_a: bool, need_b: bool):
     """Vector-Jacobian products of ``torch.matmul(a, b)`` at cotangent ``g``, per operand shape."""
     a2 = a.unsqueeze(0) if a.dim() == 1 else a
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b
-    g2 = g
-    if a.dim() == 1:
-        g2 = g2.unsqueeze(-2)
-    if b.dim() == 1:
-        g2 = g2.unsqueeze(-1)
+    if a.dim() == 1 and b.dim() == 1:
+        g2 = g.reshape(1, 1)
+    elif a.dim() == 1:
+        g2 = g.unsqueeze(-2)
+    elif b.dim() == 1:
+        g2 = g.unsqueeze(-1)
+    else:
+        g2 = g
     grad_a = grad_b = None
     if need_a:
         grad_a = (g2 @ b2.mT).sum_to_size(a2.shape).reshape(a.shape)
@@ -451,24 +454,29 @@ class AttentionFunction(torch.autograd.Function):
 
         g = _divide(relevance, z, ctx.epsilon).to(q.dtype)
         r_q = r_k = r_v = None
+        # uniform-ε: half each when both factors are on the path, else all to the one that is
+        weights_on_path = need_q or need_k
         if need_v:
             r_v = ve * (weights.mT @ g)
-            if not ctx.hold:
+            if weights_on_path:
                 r_v.mul_(0.5)
             if groups > 1:
                 r_v = r_v.unflatten(-3, (-1, groups)).sum(-3)
             r_v = _sum_to(r_v, v)
         if need_q or need_k:
-            r_weights = weights * (g @ ve.mT) * 0.5
+            r_weights = weights * (g @ ve.mT)
+            if need_v:
+                r_weights.mul_(0.5)
             r_x = _softmax_relevance(x, weights, r_weights, -1)
             if mask is not None and mask.dtype != torch.bool:
                 r_x = pre * _divide(r_x, x, ctx.epsilon)  # the additive mask absorbs its share
             # identity through the scaling, then uniform-ε through q kᵀ
             gs = _divide(r_x, scores, ctx.epsilon).to(q.dtype)
+            share = 0.5 if (need_q and need_k) else 1.0
             if need_q:
-                r_q = _sum_to((q * (gs @ ke)).mul_(0.5), q)
+                r_q = _sum_to((q * (gs @ ke)).mul_(share), q)
             if need_k:
-                r_k = (ke * (gs.mT @ q)).mul_(0.5)
+                r_k = (ke * (gs.mT @ q)).mul_(share)
                 if groups > 1:
                     r_k = r_k.unflatten(-3, (-1, groups)).sum(-3)
                 r_k = _sum_to(r_k, k)
@@ -635,8 +643,6 @@ def sum_epsilon(
     epsilon: float | None = None,
 ) -> Tensor:
     """``torch.sum(x, dim, keepdim)`` with the ε-rule ``R_i = x_i ⊙ R ⊘ s(z)``."""
-    if dim is None:
-        return ReductionEpsilonFunction.apply(x, None, False, epsilon, torch.sum, False)
     return ReductionEpsilonFunction.apply(
         x, dim, keepdim, epsilon, lambda t: torch.sum(t, dim, keepdim), False
     )
@@ -647,8 +653,6 @@ def mean_epsilon(
     epsilon: float | None = None,
 ) -> Tensor:
     """``torch.mean(x, dim, keepdim)`` with the ε-rule ``R_i = (x_i / n) ⊙ R ⊘ s(z)``."""
-    if dim is None:
-        return ReductionEpsilonFunction.apply(x, None, False, epsilon, torch.mean, True)
     return ReductionEpsilonFunction.apply(
         x, dim, keepdim, epsilon, lambda t: torch.mean(t, dim, keepdim), True
     )
