@@ -313,3 +313,29 @@ def test_norm_rule_needs_a_kind_for_unknown_classes():
 
     with pytest.raises(TypeError, match="kind='layer' or kind='rms'"):
         rules.NormRule(Scale())
+
+
+class Checkpointed(nn.Module):
+    """Runs its block through ``torch.utils.checkpoint`` when ``enabled``."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.block = Block().double()
+        self.enabled, self.reentrant = False, reentrant
+
+    def forward(self, x):
+        if self.enabled:
+            return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+        return self.block(x)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recomputation_in_the_backward_uses_the_rules(reentrant):
+    torch.manual_seed(7)
+    model = Checkpointed(reentrant)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    plain, _, _ = explain(model, x, 2, "attnlrp")
+    model.enabled = True
+    checkpointed, _, comp = explain(model, x, 2, "attnlrp")
+    assert torch.equal(checkpointed, plain)
+    assert not comp.unruled
