@@ -126,6 +126,17 @@ def _matmul_grads(a: Tensor, b: Tensor, g: Tensor, need_a: bool, need_b: bool):
     return grad_a, grad_b
 
 
+def _product_relevance(a: Tensor, b: Tensor, g: Tensor, need_a: bool, need_b: bool,
+                       scale: float = 1.0):
+    """Uniform-ε relevance of the factors of ``scale · (a @ b)`` given ``g = R ⊘ s(z)``: half
+    each when both are on the path, all to the one that is otherwise."""
+    share = scale * (0.5 if (need_a and need_b) else 1.0)
+    grad_a, grad_b = _matmul_grads(a, b, g.to(a.dtype), need_a, need_b)
+    r_a = None if grad_a is None else (a * grad_a).mul_(share)
+    r_b = None if grad_b is None else (b * grad_b).mul_(share)
+    return r_a, r_b
+
+
 class MatmulUniformFunction(torch.autograd.Function):
     """``torch.matmul`` (or ``bmm``/``mm``) with the uniform-ε rule (AttnLRP Prop. 3.3)."""
 
@@ -139,13 +150,8 @@ class MatmulUniformFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance: Tensor):
         a, b, z = ctx.saved_tensors
-        need_a, need_b = _needs(ctx, 0), _needs(ctx, 1)
-        share = 0.5 if (need_a and need_b) else 1.0
         g = _divide(relevance, z, ctx.epsilon)
-        grad_a, grad_b = _matmul_grads(a, b, g.to(a.dtype), need_a, need_b)
-        r_a = None if grad_a is None else (a * grad_a).mul_(share)
-        r_b = None if grad_b is None else (b * grad_b).mul_(share)
-        return r_a, r_b, None, None
+        return (*_product_relevance(a, b, g, _needs(ctx, 0), _needs(ctx, 1)), None, None)
 
 
 def matmul_uniform(a: Tensor, b: Tensor, epsilon: float | None = None) -> Tensor:
@@ -177,18 +183,10 @@ class LinearEpsilonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance: Tensor):
         x, weight, bias, z = ctx.saved_tensors
-        need_x, need_w, need_b = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
-        share = 0.5 if (need_x and need_w) else 1.0
         g = _divide(relevance, z, ctx.epsilon).to(x.dtype)
-        r_x = r_w = r_b = None
-        if need_x:
-            r_x = (x * (g @ weight)).mul_(share)
-        if need_w:
-            gw = g.reshape(-1, g.shape[-1]).mT @ x.reshape(-1, x.shape[-1])
-            r_w = (weight * gw).mul_(share)
-        if need_b:
-            r_b = _sum_to(bias * g, bias)
-        return r_x, r_w, r_b, None
+        r_x, r_wt = _product_relevance(x, weight.mT, g, _needs(ctx, 0), _needs(ctx, 1))
+        r_b = _sum_to(bias * g, bias) if _needs(ctx, 2) else None
+        return r_x, None if r_wt is None else r_wt.mT, r_b, None
 
 
 def linear_epsilon(
@@ -216,16 +214,9 @@ class AddmmEpsilonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         c, m1, m2, z = ctx.saved_tensors
-        need_c, need_1, need_2 = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
-        share = ctx.alpha * (0.5 if (need_1 and need_2) else 1.0)
         g = _divide(relevance, z, ctx.epsilon).to(m1.dtype)
-        r_c = r_1 = r_2 = None
-        if need_c:
-            r_c = _sum_to(c * g * ctx.beta, c)
-        if need_1:
-            r_1 = (m1 * (g @ m2.mT)).mul_(share)
-        if need_2:
-            r_2 = (m2 * (m1.mT @ g)).mul_(share)
+        r_1, r_2 = _product_relevance(m1, m2, g, _needs(ctx, 1), _needs(ctx, 2), ctx.alpha)
+        r_c = _sum_to(c * g * ctx.beta, c) if _needs(ctx, 0) else None
         return r_c, r_1, r_2, None, None, None
 
 
