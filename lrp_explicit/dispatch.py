@@ -191,6 +191,7 @@ def hooks_installed() -> bool:
 
 
 def warn_unruled(op: str, path: str) -> None:
+    """Warn (:class:`UnruledOpWarning`) that ``op`` in module ``path`` has no rule."""
     warnings.warn(
         f"lrp_explicit: no LRP rule for {op} on the relevance path in module '{path}'; "
         "plain autograd is used there, so the relevance through it is a gradient, not LRP. "

@@ -245,3 +245,26 @@ def test_unknown_hugging_face_model_gets_a_helpful_error():
     assert "gpt_neox" in message and "family='generic'" in message
     assert "composites.register" in message
     assert composites.get("attnlrp", model, family="generic").name == "attnlrp"
+
+
+def test_composite_rejects_bad_tables():
+    with pytest.raises(ValueError, match="unknown op names"):
+        lrp_explicit.Composite({}, ops={"cumsum": lambda *a: None})
+    with pytest.raises(TypeError, match="rule factory"):
+        lrp_explicit.Composite({nn.Linear: "EpsilonRule"})
+
+
+def test_removing_an_op_entry_makes_it_unruled():
+    comp = lrp_explicit.Composite({}, ops={"mul": None}, strict=True)
+    x = torch.randn(3, dtype=D, requires_grad=True)
+    with pytest.raises(lrp_explicit.UnruledOpError, match="Tensor.mul"):
+        with comp.op_rules():
+            x * x
+
+
+def test_rules_survive_deepcopy():
+    import copy
+
+    rule = rules.EpsilonRule(nn.Linear(2, 2))
+    clone = copy.deepcopy(rule)
+    assert clone.in_features == 2 and clone.module is not rule.module

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Mapping
 from torch import nn
 
 from .. import dispatch
-from ..ops import ATTNLRP_OPS, Handler
+from ..ops import ATTNLRP_OPS, OP_NAMES, Handler
 
 __all__ = ["Composite", "CompositeError"]
 
@@ -65,6 +65,14 @@ class Composite:
         name: str | None = None,
     ) -> None:
         self.module_rules = dict(modules)
+        for key, factory in self.module_rules.items():
+            if not isinstance(key, (type, str)) or not callable(factory):
+                raise TypeError(f"module rules map a class or a name pattern to a rule factory; "
+                                f"got {key!r}: {factory!r}")
+        unknown = set(ops or {}) - set(OP_NAMES.values())
+        if unknown:
+            raise ValueError(f"unknown op names {sorted(unknown)}; the op table knows "
+                             f"{sorted(set(OP_NAMES.values()))}")
         table = dict(ATTNLRP_OPS)
         for key, handler in (ops or {}).items():
             if handler is None:

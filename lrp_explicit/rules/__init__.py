@@ -61,7 +61,10 @@ class Rule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["module"], name)
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:  # half-built (copy, unpickling): nothing to fall back to
+                raise
+            return getattr(inner, name)
 
     def extra_repr(self) -> str:
         return "" if self.epsilon is None else f"epsilon={self.epsilon}"
