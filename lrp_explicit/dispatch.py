@@ -6,7 +6,11 @@ and routes those with a tensor argument on the relevance path (one that requires
 parameters are frozen at registration) to the handler that the composite's op table names
 (:mod:`lrp_explicit.ops`). Layout ops pass through. Any other call whose output lands on the
 relevance path is an *unruled op*: a warning once per (op, module path), or
-:class:`UnruledOpError` in strict mode.
+:class:`UnruledOpError` in strict mode. A foreign ``torch.autograd.Function`` (one not defined in
+torch, lrp_explicit or zennit) is invisible to the mode as a call; it is found through the
+``grad_fn`` of its output when that output reaches an op, a module or a module's return value of
+a registered model, and reported as the unruled op ``<Function>.apply``. Outputs of op handlers
+and module rules are trusted: a user-defined rule may well be a custom Function.
 
 Entering and leaving modules is tracked by global module hooks (installed while at least one
 composite is registered). Each thread keeps its own stack of frames, so other threads and other
@@ -60,6 +64,7 @@ class _Frame:
     module: Any
     composite: "Composite | None"  # None: dispatch suspended
     path: str
+    rerun: Any = None  # a rule factory: the module's output is recomputed through that rule
 
 
 class _State(threading.local):
@@ -84,6 +89,49 @@ def _any_on_path(args: tuple, kwargs: dict) -> bool:
     return any(on_path(v) for v in kwargs.values())
 
 
+#: Modules whose autograd Functions are never reported as unruled.
+TRUSTED_FUNCTION_MODULES = ("torch", "lrp_explicit", "zennit")
+_VETTED = "_lrp_vetted"  # set on a foreign Function's backward node once seen
+_foreign_names: dict[type, str | None] = {}  # node type -> "<Function>.apply" or None
+
+
+def _foreign_name(tensor: torch.Tensor) -> str | None:
+    """``"<Function>.apply"`` if ``tensor`` was made by a foreign autograd Function not yet seen."""
+    node = tensor.grad_fn
+    if node is None:
+        return None
+    kind = type(node)
+    name = _foreign_names.get(kind, "")
+    if name == "":
+        cls = getattr(kind, "_forward_cls", None)
+        root = (getattr(cls, "__module__", None) or "").split(".")[0]
+        name = None if cls is None or root in TRUSTED_FUNCTION_MODULES \
+            else f"{cls.__qualname__}.apply"
+        _foreign_names[kind] = name
+    if name is None or getattr(node, _VETTED, False):
+        return None
+    setattr(node, _VETTED, True)
+    return name
+
+
+def _vet(composite: "Composite", values: Any, path: str, trusted: bool = False) -> None:
+    """Report foreign Functions behind the relevance-path tensors in ``values`` (a tensor or a
+    flat tuple/list/dict of them); with ``trusted`` only mark them as seen."""
+    if isinstance(values, torch.Tensor):
+        values = (values,)
+    elif isinstance(values, dict):
+        values = tuple(values.values())
+    elif not isinstance(values, (tuple, list)):
+        return
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            _vet(composite, value, path, trusted)
+        elif isinstance(value, torch.Tensor) and value.requires_grad:
+            name = _foreign_name(value)
+            if name is not None and not trusted:
+                composite._report_unruled(name, path)
+
+
 def _output_on_path(out: Any) -> bool:
     if isinstance(out, torch.Tensor):
         return out.requires_grad
@@ -99,19 +147,28 @@ class RuleMode(TorchFunctionMode):
         kwargs = kwargs or {}
         frames = _state.frames
         composite = frames[-1].composite if frames else None
-        if composite is None or func in PASS_THROUGH or not torch.is_grad_enabled():
+        if composite is None or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        path = frames[-1].path
+        _vet(composite, args, path)
+        if kwargs:
+            _vet(composite, kwargs, path)
+        if func in PASS_THROUGH:
             return func(*args, **kwargs)
         name = OP_NAMES.get(func)
         if name is not None:
             handler = composite.ops.get(name)
             if handler is not None and _any_on_path(args, kwargs):
                 try:
-                    return handler(func, args, kwargs, composite.epsilon)
+                    out = handler(func, args, kwargs, composite.epsilon)
                 except NoRule:
                     pass
+                else:
+                    _vet(composite, out, path, trusted=True)  # a rule's own Function
+                    return out
         out = func(*args, **kwargs)
         if _output_on_path(out):
-            composite._report_unruled(op_name(func), frames[-1].path)
+            composite._report_unruled(op_name(func), path)
         return out
 
 
@@ -135,18 +192,42 @@ def _pop() -> None:
 def _pre_hook(module, args):
     entry = _modules.get(id(module))
     frames = _state.frames
-    if entry is None:
-        if frames:  # a module outside the registered model: suspend the dispatch inside it
-            _push(_Frame(module, None, type(module).__name__))
+    if entry is not None:
+        _, composite, path, opaque = entry
+        if torch.is_grad_enabled():
+            _vet(composite, args, path)
+        _push(_Frame(module, None if opaque else composite, path))
         return
-    _, composite, path, opaque = entry
-    _push(_Frame(module, None if opaque else composite, path))
+    if not frames:
+        return
+    top = frames[-1]
+    name = type(module).__name__
+    if top.composite is None or next(module.parameters(), None) is not None:
+        # inside an opaque module, or another model (it has weights of its own): hands off
+        _push(_Frame(module, None, name))
+        return
+    # A parameterless module object that is not a child of the model but is called by its
+    # forward (e.g. ``gelu = get_activation("gelu")`` at module level): part of the computation.
+    factory = top.composite.rule_for(name, module) if torch.is_grad_enabled() else None
+    if factory is not None:
+        _push(_Frame(module, None, f"{top.path}/{name}", rerun=factory))
+    else:
+        _push(_Frame(module, top.composite, f"{top.path}/{name}"))
 
 
 def _post_hook(module, args, output):
     frames = _state.frames
     if frames and frames[-1].module is module:
+        frame = frames[-1]
+        entry = _modules.get(id(module))
+        if entry is not None and torch.is_grad_enabled():
+            # inside a module rule (opaque) a custom Function is the rule itself
+            _vet(entry[1], output, entry[2], trusted=entry[3])
         _pop()
+        if frame.rerun is not None and output is not None:
+            composite = frames[-1].composite if frames else None
+            rule = composite.make_rule(frame.rerun, module) if composite else frame.rerun(module)
+            return rule.forward(*args)
 
 
 def enter(composite: "Composite", path: str) -> None:

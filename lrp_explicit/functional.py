@@ -57,8 +57,8 @@ __all__ = [
 DEFAULT_EPSILON: dict[torch.dtype, float] = {
     torch.float64: 1e-12,
     torch.float32: 1e-6,
-    torch.bfloat16: 1e-2,
-    torch.float16: 1e-2,
+    torch.bfloat16: 1e-3,
+    torch.float16: 1e-3,
 }
 
 
@@ -86,8 +86,20 @@ def stabilize(z: Tensor, epsilon: float | None = None) -> Tensor:
 
 
 def _divide(relevance: Tensor, z: Tensor, epsilon: float | None) -> Tensor:
-    """``R ⊘ s(z)``, computed in the result dtype of the two."""
+    """``R ⊘ s(z)``; in float32 for half-precision inputs (the callers cast back)."""
+    if z.dtype in _HALF:
+        epsilon = default_epsilon(z.dtype) if epsilon is None else epsilon
+        return relevance.float() / stabilize(z.float(), epsilon)
     return relevance / stabilize(z, epsilon)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _accurate(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is half precision: rules with cancellations (the centring of
+    LayerNorm, ``R − s ⊙ Σ R`` of softmax) run in float32 there and cast back."""
+    return t.float() if t.dtype in _HALF else t
 
 
 def _sum_to(relevance: Tensor, like: Tensor) -> Tensor:
@@ -290,15 +302,25 @@ class AddEpsilonFunction(torch.autograd.Function):
     def forward(ctx, a, b, coef_a: float, coef_b: float, epsilon, op: Callable):
         z = op(a, b)
         ctx.coef_a, ctx.coef_b, ctx.epsilon = coef_a, coef_b, epsilon
-        ctx.save_for_backward(a if _needs(ctx, 0) else None, b if _needs(ctx, 1) else None, z)
+        # In half precision the sum is recomputed in float32 in the backward: z rounded to half
+        # precision makes a/z meaningless where a and b nearly cancel.
+        half = z.dtype in _HALF and all(isinstance(t, Tensor) for t in (a, b))
+        ctx.needs = (_needs(ctx, 0), _needs(ctx, 1))
+        keep_a, keep_b = ctx.needs[0] or half, ctx.needs[1] or half
+        ctx.save_for_backward(a if keep_a else None, b if keep_b else None, None if half else z)
         return z
 
     @staticmethod
     def backward(ctx, relevance):
         a, b, z = ctx.saved_tensors
-        g = _divide(relevance, z, ctx.epsilon)
-        r_a = None if a is None else _sum_to(g * a if ctx.coef_a == 1 else g * a * ctx.coef_a, a)
-        r_b = None if b is None else _sum_to(g * b if ctx.coef_b == 1 else g * b * ctx.coef_b, b)
+        if z is None:
+            a32, b32 = a.float() * ctx.coef_a, b.float() * ctx.coef_b
+            g = _divide(relevance.float(), a32 + b32, ctx.epsilon)
+        else:
+            g = _divide(relevance, z, ctx.epsilon)
+        need_a, need_b = ctx.needs
+        r_a = _sum_to(g * a if ctx.coef_a == 1 else g * a * ctx.coef_a, a) if need_a else None
+        r_b = _sum_to(g * b if ctx.coef_b == 1 else g * b * ctx.coef_b, b) if need_b else None
         return r_a, r_b, None, None, None, None
 
 
@@ -366,8 +388,9 @@ def identity(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def _softmax_relevance(x: Tensor, s: Tensor, relevance: Tensor, dim: int) -> Tensor:
     """``x ⊙ (R − s ⊙ Σ_dim R)`` with 0 at masked inputs (−inf or the dtype's minimum)."""
+    relevance, s = _accurate(relevance), _accurate(s)
     out = relevance - s * relevance.sum(dim, keepdim=True)
-    out = out.to(x.dtype).mul_(x)
+    out = out.mul_(x).to(x.dtype)
     return out.masked_fill_(x <= torch.finfo(x.dtype).min, 0.0)
 
 
@@ -521,13 +544,15 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         x, weight, y = ctx.saved_tensors
-        dims = ctx.dims
+        dims, dtype = ctx.dims, x.dtype
+        x, y, relevance = _accurate(x), _accurate(y), _accurate(relevance)
         var = x.var(dim=dims, unbiased=False, keepdim=True)
-        g = _divide(relevance, y, ctx.epsilon) * torch.rsqrt(var + ctx.eps)
+        eps = default_epsilon(dtype) if ctx.epsilon is None else ctx.epsilon
+        g = _divide(relevance, y, eps) * torch.rsqrt(var + ctx.eps)
         if weight is not None:
             g = g * weight
         r_x = (g - g.mean(dim=dims, keepdim=True)).mul_(x)
-        return r_x.to(x.dtype), None, None, None, None, None, None
+        return r_x.to(dtype), None, None, None, None, None, None
 
 
 def layer_norm(

@@ -25,7 +25,7 @@ from torch import Tensor
 from . import functional as lf
 
 __all__ = ["OP_NAMES", "PASS_THROUGH", "ATTNLRP_OPS", "CPLRP_OPS", "NoRule", "Handler",
-           "on_path", "GATE_ATTR"]
+           "on_path", "GATE_ATTR", "name_transformers_ops"]
 
 Handler = Callable[[Callable, tuple, dict, "float | None"], Any]
 T = torch.Tensor
@@ -86,7 +86,8 @@ class _AddInplaceFunction(torch.autograd.Function):
         op(a, b)
         ctx.mark_dirty(a)
         ctx.coef_b, ctx.epsilon = coef_b, epsilon
-        ctx.save_for_backward(b if isinstance(b, Tensor) else None, a)
+        # a copy of the output: a later in-place update (``a += c; a += d``) must not change it
+        ctx.save_for_backward(b if isinstance(b, Tensor) else None, a.clone())
         ctx.other = None if isinstance(b, Tensor) else b
         return a
 
@@ -125,10 +126,51 @@ def _inplace(func, args, kwargs, a, b, coef_a, coef_b, epsilon):
         raise NoRule  # a constant updated in place by a path tensor: no rule for that
     op = lambda x, y: func(x, y, *args[2:], **kwargs)  # noqa: E731
     if func in (T.mul_, T.__imul__, T.div_, T.__idiv__, T.__itruediv__):
-        if func is not T.mul_ and func is not T.__imul__ and on_path(b):
-            raise NoRule
         return _UniformInplaceFunction.apply(a, b, op)
     return _AddInplaceFunction.apply(a, b, coef_b, epsilon, op)
+
+
+class _IndexAddFunction(torch.autograd.Function):
+    """``index_add`` (``z = a + α·source`` scattered along ``dim`` at ``index``) with the
+    ε-rule: ``R_a = a ⊙ R ⊘ s(z)``, ``R_source = α·source ⊙ (R ⊘ s(z))`` gathered at ``index``.
+    In place (``index_add_``) ``a`` is marked dirty and its old value is ``z − α·source``."""
+
+    @staticmethod
+    def forward(ctx, a, source, dim, index, alpha, epsilon, op, inplace):
+        z = op(a, source)
+        if inplace:
+            ctx.mark_dirty(a)
+        ctx.dim, ctx.alpha, ctx.epsilon = dim, alpha, epsilon
+        old = None if inplace or not ctx.needs_input_grad[0] else a
+        # a copy: the output may be updated in place again (a loop over experts)
+        ctx.save_for_backward(source, index, z.clone() if inplace else z, old)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance):
+        source, index, z, old = ctx.saved_tensors
+        g = lf._divide(relevance, z, ctx.epsilon)
+        r_a = r_source = None
+        if ctx.needs_input_grad[0]:
+            if old is None:
+                old = z.index_add(ctx.dim, index, source, alpha=-ctx.alpha)
+            r_a = (g * old).to(z.dtype)
+        if ctx.needs_input_grad[1]:
+            r_source = (g.index_select(ctx.dim, index) * source * ctx.alpha).to(source.dtype)
+        return r_a, r_source, None, None, None, None, None, None
+
+
+def _index_add(func, args, kwargs, epsilon):
+    """``index_add``/``index_add_`` sum contributions into ``a``: the ε-rule of a sum (plain
+    autograd would copy the whole relevance to every contribution). MoE experts use it."""
+    a, dim = args[0], _arg(args, kwargs, 1, "dim")
+    index, source = _arg(args, kwargs, 2, "index"), _arg(args, kwargs, 3, "source")
+    alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    if "out" in kwargs or not isinstance(dim, int) or not isinstance(source, Tensor):
+        raise NoRule
+    inplace = func is T.index_add_
+    return _IndexAddFunction.apply(a, source, dim, index, alpha, epsilon,
+                                   lambda x, y: func(x, dim, index, y, alpha=alpha), inplace)
 
 
 # ---------------------------------------------------------------------------- mul / div / neg
@@ -162,12 +204,21 @@ _RDIV = {T.__rdiv__, T.__rtruediv__}
 
 
 def _div(func, args, kwargs, epsilon):
+    """``x / c`` is a scaling and ``c / x`` an element-wise function of ``x``: both take the
+    identity rule. A denominator on the relevance path next to a numerator on it is held
+    constant, as the standard deviation of a norm is (e.g. MoE routing weights ``w / Σw``)."""
     a, b = args[0], _arg(args, kwargs, 1, "other")
-    if kwargs.get("rounding_mode") is not None or (on_path(a) and on_path(b)):
+    if kwargs.get("rounding_mode") is not None:
         raise NoRule
+    if on_path(a) and on_path(b):
+        if func in _RDIV:  # other / self: self is the denominator
+            a = lf.stop(a)
+        else:
+            b = lf.stop(b)
+        args = (a, b) + tuple(args[2:])
+        kwargs = {k: v for k, v in kwargs.items() if k != "other"}
     if func in _INPLACE:
         return _inplace(func, args, kwargs, a, b, 1.0, 1.0, epsilon)
-    # x / c is a scaling, c / x an element-wise function of x: both take the identity rule.
     path = a if on_path(a) else b
     if path is a:
         fn = lambda x: func(x, b, *args[2:], **kwargs)  # noqa: E731
@@ -224,6 +275,25 @@ def _addmm(func, args, kwargs, epsilon):
     c, m1, m2 = args[0], _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     return lf.addmm_epsilon(c, m1, m2, beta, alpha, epsilon)
+
+
+def _grouped_mm(func, args, kwargs, epsilon):
+    """Grouped matrix products of MoE experts (``torch._grouped_mm``, transformers' fallback op):
+    linear in each operand, so the uniform-ε rule through one vector-Jacobian product; with the
+    expert weights frozen this is the ε-rule of the input."""
+    rest = list(args[2:]) + list(kwargs.values())
+    if len(args) < 2 or any(on_path(t) for t in rest):
+        raise NoRule
+    return lf.bilinear_uniform(lambda x, w: func(x, w, *args[2:], **kwargs), args[0], args[1],
+                               epsilon=epsilon)
+
+
+def name_transformers_ops() -> None:
+    """Name the custom ops of transformers' MoE integration (``transformers::grouped_mm_fallback``)
+    once it is imported; the MoE family files call this when they build a composite."""
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        OP_NAMES.setdefault(fallback, "grouped_mm")
 
 
 # ---------------------------------------------------------------------------- softmax, attention
@@ -332,6 +402,8 @@ _names("matmul", [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm
 _names("einsum", [torch.einsum])
 _names("linear", [F.linear])
 _names("addmm", [torch.addmm, T.addmm])
+_names("index_add", [torch.index_add, T.index_add, T.index_add_])
+_names("grouped_mm", [torch._grouped_mm] if hasattr(torch, "_grouped_mm") else [])
 _names("softmax", [torch.softmax, T.softmax, F.softmax, torch.nn.functional.softmax])
 _names("sdpa", [F.scaled_dot_product_attention])
 _names("layer_norm", [F.layer_norm])
@@ -366,6 +438,8 @@ _COMMON: dict[str, Handler] = {
     "einsum": _einsum,
     "linear": _linear,
     "addmm": _addmm,
+    "index_add": _index_add,
+    "grouped_mm": _grouped_mm,
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
     "sum": _reduction,

@@ -237,8 +237,17 @@ def test_layout_ops_pass_through_in_strict_mode(index):
     assert torch.equal(leaves[0].grad, plain.grad)
 
 
+@pytest.mark.parametrize("form", [lambda a, b: a / b, torch.div,
+                                  lambda a, b: _iop(a, b, "__itruediv__")])
+def test_division_by_a_path_tensor_holds_the_denominator_constant(form):
+    a, b = a0(3, 4), a0(4).abs() + 1
+    out, (ga, gb), relevance = dispatched(form, [a, b])
+    assert torch.equal(out, a / b)
+    assert gb is None and torch.equal(ga, relevance)
+
+
 @pytest.mark.parametrize("fn,op", [
-    (lambda a, b: a / b, "Tensor.div"), (lambda a, b: torch.cumsum(a, 0), "torch.cumsum"),
+    (lambda a, b: torch.cumsum(a, 0), "torch.cumsum"),
     (lambda a, b: a ** b, "Tensor.pow")])
 def test_unruled_forms_are_reported(fn, op):
     a, b = a0(3, 4).abs() + 1, a0(3, 4).abs() + 1

@@ -157,4 +157,6 @@ def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
     return factory(**options)
 
 
-from . import generic  # noqa: E402,F401  (registers the generic composites)
+# importing a family module registers its composites
+from . import generic  # noqa: E402,F401
+from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, vit  # noqa: E402,F401,E501

@@ -104,6 +104,14 @@ class Composite:
                 return factory
         return None
 
+    def make_rule(self, factory: RuleFactory, module: nn.Module) -> nn.Module:
+        """Wrap ``module`` with ``factory``; a rule without its own ε takes the composite's."""
+        rule = factory(module)
+        if getattr(rule, "epsilon", 0) is None:
+            rule.epsilon = self.epsilon
+        rule.eval()
+        return rule
+
     # ------------------------------------------------------------------ register / remove
 
     def register(self, model: nn.Module) -> nn.Module:
@@ -148,6 +156,7 @@ class Composite:
         wrappers: dict[int, nn.Module] = {}
         opaque: set[int] = set()
         self._wrap_children(model, "", wrappers, opaque)
+        self._wrap_checkpointing(model)
         model.eval()
         dispatch.bind(self, model, opaque)
         self._undo.append(lambda: dispatch.unbind(self))
@@ -164,13 +173,34 @@ class Composite:
                 if factory is None:
                     self._wrap_children(child, name + ".", wrappers, opaque)
                     continue
-                wrapper = factory(child)
-                if getattr(wrapper, "epsilon", 0) is None:
-                    wrapper.epsilon = self.epsilon
+                wrapper = self.make_rule(factory, child)
                 wrappers[id(child)] = wrapper
                 opaque.update(id(m) for m in wrapper.modules())
             setattr(parent, child_name, wrapper)
             self._undo.append(lambda p=parent, n=child_name, c=child: setattr(p, n, c))
+
+    def _wrap_checkpointing(self, model: nn.Module) -> None:
+        """Run checkpointed functions under this composite's op rules.
+
+        transformers checkpoints a layer's ``forward`` (not ``__call__``), so when the backward
+        recomputes it no module hook marks the layer itself; wrapping the checkpointed function
+        keeps the rules on for the layer's own functional code during the recomputation.
+        """
+        for name, module in model.named_modules():
+            original = module.__dict__.get("_gradient_checkpointing_func")
+            if original is None:
+                continue
+
+            def checkpoint(function, *args, _original=original, _path=name, **kwargs):
+                def run(*inner_args, **inner_kwargs):
+                    with self.op_rules(_path):
+                        return function(*inner_args, **inner_kwargs)
+
+                return _original(run, *args, **kwargs)
+
+            module._gradient_checkpointing_func = checkpoint
+            self._undo.append(
+                lambda m=module, f=original: setattr(m, "_gradient_checkpointing_func", f))
 
     def remove(self) -> None:
         """Undo :meth:`register`: the very same module objects, ``requires_grad`` flags and

@@ -1,0 +1,88 @@
+"""Shared building blocks of the Hugging Face family composites.
+
+A family file names the model types it serves and the module classes that need a rule of their
+own (usually the family's RMSNorm class); everything else comes from here: ``nn.Linear`` and
+transformers' ``Conv1D`` take the ε-rule, every activation class of ``transformers.activations``
+the identity, ``nn.LayerNorm`` the constant-std rule, and the functional calls of the modeling
+code (attention, rotary embeddings, residuals, gates, soft-capping, pooling) the shared op table.
+Model classes are imported only when a composite is built, so importing ``lrp_explicit`` does not
+import any modeling file.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+from torch import nn
+
+from .. import rules
+from ..ops import CPLRP_OPS
+from . import register
+from .base import Composite
+from .generic import ACTIVATIONS
+
+__all__ = ["base_rules", "register_family"]
+
+ModuleRules = Mapping[Any, Callable[[nn.Module], nn.Module]]
+
+
+def _transformers_activations() -> tuple[type[nn.Module], ...]:
+    from transformers.activations import ACT2CLS
+
+    classes = {v[0] if isinstance(v, tuple) else v for v in ACT2CLS.values()}
+    return tuple(sorted((c for c in classes if issubclass(c, nn.Module)), key=lambda c: c.__name__))
+
+
+def base_rules(cp_lrp: bool) -> dict[Any, Callable[[nn.Module], nn.Module]]:
+    """Module rules every Hugging Face family shares."""
+    from transformers.pytorch_utils import Conv1D
+
+    table: dict[Any, Callable[[nn.Module], nn.Module]] = {
+        nn.Linear: rules.EpsilonRule,
+        Conv1D: rules.EpsilonRule,
+        nn.Conv2d: rules.EpsilonRule,
+        nn.LayerNorm: rules.NormRule,
+        nn.RMSNorm: rules.NormRule,
+        nn.Dropout: rules.PassRule,
+        nn.Softmax: rules.StopRule if cp_lrp else rules.SoftmaxRule,
+    }
+    table.update({act: rules.IdentityRule for act in ACTIVATIONS + _transformers_activations()})
+    return table
+
+
+def register_family(
+    family: str,
+    model_types: Iterable[str],
+    module_rules: Callable[[], ModuleRules] | None = None,
+    ops: Callable[[bool], Mapping[str, Any]] | None = None,
+) -> None:
+    """Register ``"attnlrp"`` and ``"cp-lrp"`` for a Hugging Face family.
+
+    Parameters
+    ----------
+    family : str
+        Family name shown by :func:`lrp_explicit.composites.available`.
+    model_types : iterable of str
+        The ``config.model_type`` values of the family.
+    module_rules : callable, optional
+        Returns the family's own module rules (imported lazily), merged over :func:`base_rules`.
+    ops : callable, optional
+        ``ops(cp_lrp)`` returns op-table entries merged over the variant's table.
+    """
+    model_types = tuple(model_types)
+
+    def factory(cp_lrp: bool) -> Callable[..., Composite]:
+        def build(**options: Any) -> Composite:
+            table = base_rules(cp_lrp)
+            if module_rules is not None:
+                table.update(module_rules())
+            op_table = dict(CPLRP_OPS) if cp_lrp else {}
+            if ops is not None:
+                op_table.update(ops(cp_lrp))
+            name = f"{'cp-lrp' if cp_lrp else 'attnlrp'} ({family})"
+            return Composite(table, ops=op_table, name=name, **options)
+
+        build.__doc__ = f"{'CP-LRP' if cp_lrp else 'AttnLRP'} for {family} models."
+        return build
+
+    register("attnlrp", factory(False), family=family, model_types=model_types)
+    register("cp-lrp", factory(True), family=family, model_types=model_types)

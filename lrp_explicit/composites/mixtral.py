@@ -1,0 +1,34 @@
+"""Mixtral: LLaMA-style attention and RMSNorm with a sparse Mixture-of-Experts MLP.
+
+The MoE block needs no code of its own, only op rules: the router's ``F.linear`` takes the
+ε-rule, its softmax Gradient×Input (AttnLRP) or is held constant (CP-LRP); ``topk`` selects; the
+renormalisation ``w / Σw`` holds the denominator constant; each expert is ε-linear layers around
+a SiLU gate product and is multiplied by its routing weight (uniform rule; CP-LRP gives all to
+the expert output); the per-token sum of the experts is an ε-sum. The experts implementations
+(``config._experts_implementation``) route as follows:
+
+- ``"eager"``: a loop of ``F.linear`` on weight slices, summed with ``index_add_`` (ε-add rule);
+- ``"grouped_mm"`` (the default): ``torch._grouped_mm`` (or transformers' fallback op), ε-rule
+  through one vector-Jacobian product; the kernel takes float32, bfloat16 and float16 only, so a
+  float64 model needs ``"eager"`` or ``"batched_mm"``;
+- ``"batched_mm"``: ``torch.bmm`` with gathered weights (ε-rule), summed over the top-k (ε-sum).
+
+``"deepgemm"`` and ``"sonicmoe"`` (CUDA kernels from the hub) compute the experts in foreign
+kernels the rules cannot see: they are not supported.
+"""
+from __future__ import annotations
+
+from .. import rules
+from ..ops import name_transformers_ops
+from .hf import register_family
+
+
+def module_rules():
+    """The family's own module rules."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    name_transformers_ops()  # the modeling file imported transformers' MoE integration
+    return {MixtralRMSNorm: rules.NormRule}
+
+
+register_family("mixtral", ["mixtral"], module_rules)

@@ -1,0 +1,185 @@
+"""An independent modified Gradient×Input reference for stock models (appendix D of Arras et al.).
+
+The forward of the model is modified with ``.detach()`` tricks so that a plain gradient, times
+the input, gives the LRP relevance of each variant; only non-linear parts need a trick:
+
+- a product of two relevance-path tensors ``z = a·b`` (element-wise or matrix): AttnLRP uses
+  ``½ z + ½ [z]`` (half of the gradient to each factor); CP-LRP detaches the gate (the output of
+  an activation) or the attention weights;
+- an element-wise non-linearity ``g`` (activations, RMSNorm with its std held constant):
+  ``x ⊙ [g(x) / x]``;
+- LayerNorm: ``(x − μ) / [σ] ⊙ w + b``;
+- softmax: unchanged for AttnLRP (its rule *is* Gradient×Input), detached for CP-LRP;
+- a division by a relevance-path tensor: the denominator detached;
+- everything linear (linear layers, sums, means, residuals, scalings, layout): unchanged.
+
+Nothing here uses ``lrp_explicit``: it is a second implementation to check the first against.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+T = torch.Tensor
+GATE = "_gxi_gate"
+
+PRODUCTS = {torch.mul, T.mul, T.__mul__, T.__rmul__, torch.matmul, T.matmul, T.__matmul__,
+            torch.bmm, T.bmm}
+DIVISIONS = {torch.div, T.div, T.__truediv__, T.div_, T.__itruediv__, T.__idiv__}
+ELEMENTWISE = {F.gelu, F.silu, F.relu, torch.relu, T.relu, torch.tanh, T.tanh, F.tanh,
+               torch.sigmoid, T.sigmoid, F.sigmoid, torch.exp, T.exp, torch.pow, T.pow, T.__pow__,
+               torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt, torch.erf, T.erf, F.softplus}
+SOFTMAX = {torch.softmax, T.softmax, F.softmax}
+
+
+def grad_path(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def ratio_trick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x ⊙ [y / x]``: forward ``y``, gradient ``[y / x]`` (0 where ``x`` is 0)."""
+    ratio = torch.where(x == 0, torch.zeros_like(y), y / x)
+    return (x * ratio.detach()).to(y.dtype)
+
+
+def half_trick(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * z + 0.5 * z.detach()
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, attnlrp: bool):
+        super().__init__()
+        self.attnlrp = attnlrp
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        paths = [a for a in args if grad_path(a)]
+        if func in PRODUCTS and len(args) >= 2 and grad_path(args[0]) and grad_path(args[1]):
+            a, b = args[0], args[1]
+            if self.attnlrp:
+                return half_trick(func(*args, **kwargs))
+            gate_a, gate_b = getattr(a, GATE, False), getattr(b, GATE, False)
+            if gate_a != gate_b:
+                a, b = (a.detach(), b) if gate_a else (a, b.detach())
+                return func(a, b, *args[2:], **kwargs)
+            return half_trick(func(*args, **kwargs))
+        if func in DIVISIONS and len(args) >= 2 and grad_path(args[0]) and grad_path(args[1]):
+            return func(args[0], args[1].detach(), *args[2:], **kwargs)
+        if func in ELEMENTWISE and len(paths) == 1 and grad_path(args[0]):
+            x = args[0]
+            out = ratio_trick(x, func(x.detach(), *args[1:], **kwargs))
+            setattr(out, GATE, True)
+            return out
+        if func in SOFTMAX:
+            out = func(*args, **kwargs)
+            return out if self.attnlrp else out.detach()
+        if func is F.scaled_dot_product_attention:
+            return self.attention(*args, **kwargs)
+        if func is F.layer_norm and grad_path(args[0]):
+            return layer_norm(args[0], *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+    def attention(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False):
+        groups = q.shape[-3] // k.shape[-3]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
+        # (the mode is off inside its own handler: the tricks are spelled out here)
+        scores = q @ k.transpose(-1, -2)
+        if self.attnlrp and grad_path(q) and grad_path(k):
+            scores = half_trick(scores)
+        scores = scores * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+        length, source = q.shape[-2], k.shape[-2]
+        if is_causal:
+            keep = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            else:
+                scores = scores + attn_mask
+        weights = torch.softmax(scores, -1).nan_to_num(0.0)
+        if not self.attnlrp:
+            return weights.detach() @ v
+        out = weights @ v
+        return half_trick(out) if grad_path(weights) and grad_path(v) else out
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mu = x.mean(dims, keepdim=True)
+    sigma = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps).detach()
+    out = (x - mu) / sigma
+    if weight is not None:
+        out = out * weight
+    return out + bias if bias is not None else out
+
+
+def _is_activation(module: nn.Module) -> bool:
+    from transformers import activations
+
+    return (type(module).__module__ == activations.__name__
+            or isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid)))
+
+
+def _patched_ratio(module: nn.Module, gate: bool):
+    original = module.forward
+
+    def forward(x, *args, **kwargs):
+        with torch.no_grad():
+            y = original(x, *args, **kwargs)
+        if not grad_path(x):
+            return y
+        out = ratio_trick(x, y)
+        if gate:
+            setattr(out, GATE, True)
+        return out
+
+    return forward
+
+
+class ModifiedGradientTimesInput:
+    """Context manager: the model runs its modified forward (``variant`` "attnlrp"/"cp-lrp")."""
+
+    def __init__(self, model: nn.Module, variant: str):
+        self.model, self.attnlrp = model, variant == "attnlrp"
+        self.patched: list[nn.Module] = []
+
+    def __enter__(self):
+        for module in self.model.modules():
+            name = type(module).__name__
+            if "RMSNorm" in name:
+                module.forward = _patched_ratio(module, gate=False)
+            elif _is_activation(module):
+                module.forward = _patched_ratio(module, gate=True)
+            else:
+                continue
+            self.patched.append(module)
+        self.mode = _Mode(self.attnlrp)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for module in self.patched:
+            del module.forward
+        return False
+
+
+def reference_relevance(model: nn.Module, variant: str, embeds: torch.Tensor, select,
+                        input_name: str = "inputs_embeds", **kwargs) -> torch.Tensor:
+    """Relevance of ``embeds`` (passed as ``input_name``) for the score ``select(output)`` by
+    modified Gradient×Input."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = embeds.detach().clone().requires_grad_(True)
+    with ModifiedGradientTimesInput(model, variant):
+        score = select(model(**{input_name: x}, **kwargs))
+    score.sum().backward()
+    return (x * x.grad).detach()
