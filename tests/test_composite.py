@@ -339,3 +339,48 @@ def test_recomputation_in_the_backward_uses_the_rules(reentrant):
     checkpointed, _, comp = explain(model, x, 2, "attnlrp")
     assert torch.equal(checkpointed, plain)
     assert not comp.unruled
+
+
+STRAY_GELU = nn.GELU()  # a module object used as a function, as transformers' ``gelu``
+
+
+class NewGELU(nn.Module):
+    """tanh-approximated GELU written out with several functional calls."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+STRAY_NEW_GELU = NewGELU()
+
+
+class UsesStrayModules(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.lin(x))
+
+
+@pytest.mark.parametrize("stray", [STRAY_GELU, STRAY_NEW_GELU])
+def test_module_objects_called_but_not_owned_take_the_rules(stray):
+    """A parameterless module the forward calls without owning it is part of the computation:
+    with a module rule for its class it gets that rule (identity here), else the op rules."""
+    torch.manual_seed(8)
+    model = UsesStrayModules(lambda h: stray(h)).double()
+    comp = lrp_explicit.Composite({nn.Linear: rules.EpsilonRule, nn.GELU: rules.IdentityRule,
+                                   NewGELU: rules.IdentityRule}, strict=True)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    plain = model(x)
+    with comp.context(model):
+        xx = x.clone().requires_grad_()
+        out = model(xx)
+        assert torch.equal(out, plain)
+        relevance = torch.randn_like(out)
+        out.backward(relevance)
+    lin = model.lin
+    z = lin(x).detach()
+    expected = x * ((relevance / (z + 1e-12 * torch.where(z >= 0, 1.0, -1.0))) @ lin.weight)
+    assert torch.allclose(xx.grad, expected, rtol=1e-9)

@@ -199,3 +199,13 @@ def test_remove_restores_forward_and_state(name):
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
     assert torch.equal(model(**{key: x})[0], plain)
+
+
+def test_options_reach_family_composites():
+    from lrp_explicit.ops import CPLRP_OPS
+
+    model = BY_NAME["llama"].build()
+    comp = composites.get("attnlrp", model, epsilon=1e-3, strict=True,
+                          ops={"softmax": CPLRP_OPS["softmax"]})
+    assert comp.epsilon == 1e-3 and comp.strict and comp.ops["softmax"] is CPLRP_OPS["softmax"]
+    assert "llama" in comp.name

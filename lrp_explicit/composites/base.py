@@ -45,6 +45,9 @@ class Composite:
         ε-stabiliser for all rules; ``None`` takes the default of each tensor's dtype.
     name : str, optional
         A label shown in messages and ``repr``.
+    validate : callable, optional
+        Called with the model by :meth:`register` before anything changes; it raises (e.g.
+        ``NotImplementedError``) for a configuration the rules cannot explain.
 
     Examples
     --------
@@ -63,6 +66,7 @@ class Composite:
         strict: bool = False,
         epsilon: float | None = None,
         name: str | None = None,
+        validate: Callable[[nn.Module], None] | None = None,
     ) -> None:
         self.module_rules = dict(modules)
         for key, factory in self.module_rules.items():
@@ -83,6 +87,7 @@ class Composite:
         self.strict = strict
         self.epsilon = epsilon
         self.name = name or "composite"
+        self.validate = validate
         self.model: nn.Module | None = None
         self.unruled: Counter[tuple[str, str]] = Counter()
         self._undo: list[Callable[[], None]] = []
@@ -128,6 +133,8 @@ class Composite:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"register() needs an nn.Module, got {type(model).__name__}")
+        if self.validate is not None:
+            self.validate(model)
         with _carriers_lock:
             if self.model is not None:
                 raise CompositeError(f"{self!r} is already registered on a model; call remove() "

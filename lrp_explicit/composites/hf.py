@@ -20,7 +20,7 @@ from . import register
 from .base import Composite
 from .generic import ACTIVATIONS
 
-__all__ = ["base_rules", "register_family"]
+__all__ = ["base_rules", "register_family", "check_experts_implementation"]
 
 ModuleRules = Mapping[Any, Callable[[nn.Module], nn.Module]]
 
@@ -49,11 +49,25 @@ def base_rules(cp_lrp: bool) -> dict[Any, Callable[[nn.Module], nn.Module]]:
     return table
 
 
+SUPPORTED_EXPERTS = ("eager", "grouped_mm", "batched_mm")
+
+
+def check_experts_implementation(model: nn.Module) -> None:
+    """Refuse Mixture-of-Experts implementations whose kernels the rules cannot see
+    (``"deepgemm"``, ``"sonicmoe"``): they would give silently wrong relevance."""
+    implementation = getattr(model.config, "_experts_implementation", None) or "eager"
+    if implementation not in SUPPORTED_EXPERTS:
+        raise NotImplementedError(
+            f"experts implementation {implementation!r} runs in kernels the LRP rules cannot "
+            f"see; load the model with experts_implementation in {SUPPORTED_EXPERTS}")
+
+
 def register_family(
     family: str,
     model_types: Iterable[str],
     module_rules: Callable[[], ModuleRules] | None = None,
     ops: Callable[[bool], Mapping[str, Any]] | None = None,
+    validate: Callable[[nn.Module], None] | None = None,
 ) -> None:
     """Register ``"attnlrp"`` and ``"cp-lrp"`` for a Hugging Face family.
 
@@ -67,6 +81,9 @@ def register_family(
         Returns the family's own module rules (imported lazily), merged over :func:`base_rules`.
     ops : callable, optional
         ``ops(cp_lrp)`` returns op-table entries merged over the variant's table.
+    validate : callable, optional
+        Called with the model at registration; raises for configurations the rules cannot
+        explain (see :class:`~lrp_explicit.Composite`).
     """
     model_types = tuple(model_types)
 
@@ -78,8 +95,9 @@ def register_family(
             op_table = dict(CPLRP_OPS) if cp_lrp else {}
             if ops is not None:
                 op_table.update(ops(cp_lrp))
+            op_table.update(options.pop("ops", None) or {})  # the user's entries come last
             name = f"{'cp-lrp' if cp_lrp else 'attnlrp'} ({family})"
-            return Composite(table, ops=op_table, name=name, **options)
+            return Composite(table, ops=op_table, name=name, validate=validate, **options)
 
         build.__doc__ = f"{'CP-LRP' if cp_lrp else 'AttnLRP'} for {family} models."
         return build

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .. import rules
 from ..ops import name_transformers_ops
-from .hf import register_family
+from .hf import check_experts_implementation, register_family
 
 
 def module_rules():
@@ -31,4 +31,5 @@ def module_rules():
     return {MixtralRMSNorm: rules.NormRule}
 
 
-register_family("mixtral", ["mixtral"], module_rules)
+
+register_family("mixtral", ["mixtral"], module_rules, validate=check_experts_implementation)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .. import rules
 from ..ops import name_transformers_ops
-from .hf import register_family
+from .hf import check_experts_implementation, register_family
 
 
 def module_rules():
@@ -22,4 +22,5 @@ def module_rules():
     return {Qwen3MoeRMSNorm: rules.NormRule}
 
 
-register_family("qwen3_moe", ["qwen3_moe"], module_rules)
+
+register_family("qwen3_moe", ["qwen3_moe"], module_rules, validate=check_experts_implementation)
