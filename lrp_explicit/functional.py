@@ -435,12 +435,12 @@ class AttentionFunction(torch.autograd.Function):
             kwargs["enable_gqa"] = True
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)
         ctx.is_causal, ctx.scale, ctx.epsilon, ctx.hold = is_causal, scale, epsilon, hold_weights
-        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.save_for_backward(q, k, v, attn_mask, out)
         return out
 
     @staticmethod
     def backward(ctx, relevance):
-        q, k, v, mask = ctx.saved_tensors
+        q, k, v, mask, out = ctx.saved_tensors
         need_q, need_k, need_v = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
         if ctx.hold:
             need_q = need_k = False
@@ -464,9 +464,10 @@ class AttentionFunction(torch.autograd.Function):
         low = q.dtype in (torch.float16, torch.bfloat16)
         weights = torch.softmax(x, -1, dtype=torch.float32 if low else None)
         weights = weights.to(q.dtype).nan_to_num_(0.0)  # fully masked rows: 0, not NaN
-        z = weights @ ve
 
-        g = _divide(relevance, z, ctx.epsilon).to(q.dtype)
+        # the denominator is the fused kernel's own output (what the relevance was computed
+        # for); a recomputed A·v differs by round-off, which R ⊘ s(z) amplifies near z = 0
+        g = _divide(relevance, out.nan_to_num(0.0), ctx.epsilon).to(q.dtype)
         r_q = r_k = r_v = None
         # uniform-ε: half each when both factors are on the path, else all to the one that is
         weights_on_path = need_q or need_k
@@ -672,6 +673,29 @@ def mean_epsilon(
     return ReductionEpsilonFunction.apply(
         x, dim, keepdim, epsilon, lambda t: torch.mean(t, dim, keepdim), True
     )
+
+
+class VectorNormFunction(torch.autograd.Function):
+    """Euclidean norm ``‖x‖ = sqrt(Σ x_i²)`` as identity ∘ ε-sum ∘ identity:
+    ``R_i = x_i² ⊙ R ⊘ s(Σ x²)``."""
+
+    @staticmethod
+    def forward(ctx, x, dim, keepdim, epsilon, op):
+        y = op(x)
+        ctx.dims = tuple(range(x.dim())) if dim is None else tuple(
+            d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+        ctx.keepdim, ctx.epsilon = keepdim, epsilon
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, y = ctx.saved_tensors
+        g = _divide(relevance, y * y, ctx.epsilon)
+        if not ctx.keepdim and g.dim() != x.dim():
+            for d in sorted(ctx.dims):
+                g = g.unsqueeze(d)
+        return (x * x * g).to(x.dtype), None, None, None, None
 
 
 class StopFunction(torch.autograd.Function):

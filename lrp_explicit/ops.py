@@ -132,8 +132,9 @@ def _inplace(func, args, kwargs, a, b, coef_a, coef_b, epsilon):
 
 class _IndexAddFunction(torch.autograd.Function):
     """``index_add`` (``z = a + α·source`` scattered along ``dim`` at ``index``) with the
-    ε-rule: ``R_a = a ⊙ R ⊘ s(z)``, ``R_source = α·source ⊙ (R ⊘ s(z))`` gathered at ``index``.
-    In place (``index_add_``) ``a`` is marked dirty and its old value is ``z − α·source``."""
+    ε-rule: ``R_a = a ⊙ R ⊘ s(z)``, ``R_source = α·source ⊙ (R ⊘ s(z))`` gathered at
+    ``index``. In place (``index_add_``) ``a`` is marked dirty; its old value is
+    ``z − α·source``."""
 
     @staticmethod
     def forward(ctx, a, source, dim, index, alpha, epsilon, op, inplace):
@@ -370,6 +371,23 @@ def _reduction(func, args, kwargs, epsilon):
         x, dim, keepdim, epsilon, lambda t: func(t, *args[1:], **kwargs), is_mean)
 
 
+def _vector_norm(func, args, kwargs, epsilon):
+    """The Euclidean norm (``p=2``/``"fro"``); other orders have no rule."""
+    x = args[0]
+    if func is torch.linalg.vector_norm:
+        order, dim, keepdim = (_arg(args, kwargs, 1, "ord", 2), _arg(args, kwargs, 2, "dim"),
+                               _arg(args, kwargs, 3, "keepdim", False))
+    else:
+        order, dim, keepdim = (_arg(args, kwargs, 1, "p", "fro"), _arg(args, kwargs, 2, "dim"),
+                               _arg(args, kwargs, 3, "keepdim", False))
+    if order not in (2, 2.0, "fro", None) or kwargs.get("dtype") is not None:
+        raise NoRule
+    if dim is not None and not isinstance(dim, int):
+        dim = tuple(dim)
+    return lf.VectorNormFunction.apply(x, dim, bool(keepdim), epsilon,
+                                       lambda t: func(t, *args[1:], **kwargs))
+
+
 # ---------------------------------------------------------------------------- the tables
 
 _ACTIVATIONS = [
@@ -410,6 +428,7 @@ _names("layer_norm", [F.layer_norm])
 _names("rms_norm", [F.rms_norm])
 _names("sum", [torch.sum, T.sum, torch.mean, T.mean])
 _names("activation", _ACTIVATIONS)
+_names("norm", [torch.norm, T.norm, torch.linalg.vector_norm])
 
 #: Layout and selection ops whose plain autograd already moves relevance correctly.
 PASS_THROUGH: frozenset = frozenset([
@@ -443,6 +462,7 @@ _COMMON: dict[str, Handler] = {
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
     "sum": _reduction,
+    "norm": _vector_norm,
     "activation": _activation,
 }
 

@@ -255,3 +255,16 @@ def test_unruled_forms_are_reported(fn, op):
     with pytest.raises(lrp_explicit.UnruledOpError, match=op.replace(".", r"\.")):
         with comp.op_rules("label"):
             fn(a.requires_grad_(), b.requires_grad_())
+
+
+@pytest.mark.parametrize("form", [lambda a: a.norm(dim=-1), lambda a: torch.norm(a, dim=1),
+                                  lambda a: torch.linalg.vector_norm(a, dim=-1, keepdim=True),
+                                  lambda a: a.norm()])
+def test_euclidean_norm_is_identity_of_an_epsilon_sum_of_squares(form):
+    a = a0(3, 4)
+    out, (grad,), relevance = dispatched(form, [a])
+    assert torch.equal(out, form(a))
+    squares = (a * a).sum(-1, keepdim=True) if out.dim() else (a * a).sum()
+    expected = a * a * (relevance.reshape(squares.shape) / s(squares))
+    assert torch.allclose(grad, expected, rtol=1e-10)
+    assert torch.allclose(grad.sum(), relevance.sum(), rtol=1e-9)  # conserving
