@@ -13,3 +13,7 @@ from .dispatch import UnruledOpError, UnruledOpWarning
 __all__ = ["Composite", "CompositeError", "UnruledOpError", "UnruledOpWarning", "composites",
            "functional", "ops", "rules", "__version__"]
 __version__ = "0.1.0"
+from .audit import ABSORBERS, AuditReport, CheckResult, audit, check, zero_bias  # noqa: E402
+from . import testing  # noqa: E402
+
+__all__ += ["ABSORBERS", "AuditReport", "CheckResult", "audit", "check", "testing", "zero_bias"]

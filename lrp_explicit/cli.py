@@ -1,0 +1,240 @@
+"""Command line: ``python -m lrp_explicit COMMAND …`` (a console script comes later).
+
+Commands are argparse subcommands, each a pair of functions registered in :data:`COMMANDS`:
+one adds the command's arguments to its sub-parser, the other runs it and returns an exit code.
+Bad input ends with exit code 2 and one line on stderr (``lrp-explicit audit: error: …``).
+
+``audit``
+    Load a local Hugging Face model folder (never downloads), explain one output of a short
+    input and print the conservation report (:func:`lrp_explicit.audit`) as a table or JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
+
+PROG = "lrp-explicit"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt",
+                    "vocab.json", "spiece.model")
+
+
+class CLIError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block) and exit with 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ============================================================================ audit
+
+
+def _add_audit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="local Hugging Face model folder (config.json and weights)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", help="input text (needs a tokenizer in the model folder)")
+    source.add_argument("--ids", help="input token ids, e.g. '1,5,9' or '1 5 9'")
+    parser.add_argument("--composite", default="attnlrp",
+                        help="composite name (default: attnlrp; also cp-lrp)")
+    parser.add_argument("--family", help="force a composite family, e.g. 'generic'")
+    parser.add_argument("--target", type=int,
+                        help="explained class or token index (default: the predicted one)")
+    parser.add_argument("--dtype", choices=("float32", "float64"),
+                        help="run the model in this dtype (default: as stored)")
+    parser.add_argument("--zero-bias", action="store_true",
+                        help="set all biases to zero (shows where a variant conserves)")
+    parser.add_argument("--record", action="append", default=[], metavar="PATTERN",
+                        help="module name pattern whose output relevance is summarised "
+                             "(repeatable)")
+    parser.add_argument("--depth", type=int, help="show modules up to this name depth")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--check", action="store_true",
+                        help="also list unruled ops, leaks and NaN; exit 1 if any")
+    parser.add_argument("--rtol", type=float, default=1e-6,
+                        help="relative tolerance of --check (default 1e-6)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise CLIError(f"--ids must be integers separated by commas or spaces, got {text!r}")
+    if not ids:
+        raise CLIError("--ids is empty")
+    return ids
+
+
+def _load(path: Path, dtype: str | None) -> Any:
+    if not path.is_dir():
+        raise CLIError(f"--model {path}: not a folder (give a local Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model {path}: no config.json in the folder")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # stderr is for our one-line errors
+    transformers.logging.disable_progress_bar()
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        names = list(getattr(config, "architectures", None) or [])
+        cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)),
+                   transformers.AutoModel)
+        model = cls.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise CLIError(f"--model {path}: cannot load the model: {_line(err)}")
+    return (model.to(getattr(torch, dtype)) if dtype else model).eval()
+
+
+def _validate(path: Path, args: argparse.Namespace) -> None:
+    """Checks that need no model, done before loading it."""
+    if args.text is None and args.ids is None:
+        raise CLIError("give the input with --text (needs a tokenizer in the folder) or --ids")
+    if args.ids is not None:
+        _parse_ids(args.ids)
+    if args.depth is not None and args.depth < 1:
+        raise CLIError("--depth must be at least 1")
+    if path.is_dir() and args.text is not None \
+            and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise CLIError(f"--text needs a tokenizer in {path}; none found, pass --ids instead")
+
+
+def _tokens(model: Any, path: Path, args: argparse.Namespace) -> Any:
+    import torch
+
+    if args.text is not None:
+        import transformers
+
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CLIError(f"cannot load the tokenizer in {path}: {_line(err)}")
+        ids = tokenizer(args.text, return_tensors="pt")["input_ids"]
+        if ids.numel() == 0:
+            raise CLIError("--text gives no tokens")
+        return ids
+    ids = _parse_ids(args.ids)
+    vocab = getattr(model.config, "vocab_size", None)
+    bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if bad:
+        raise CLIError(f"--ids {bad} out of range for a vocabulary of {vocab}")
+    return torch.tensor([ids])
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    import lrp_explicit
+    from lrp_explicit import composites
+
+    path = Path(args.model)
+    _validate(path, args)
+    model = _load(path, args.dtype)
+    ids = _tokens(model, path, args)
+    try:
+        comp = composites.get(args.composite, model, family=args.family)
+    except composites.UnknownModelError:
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise CLIError(f"no composite family for model type {kind!r}; try --family generic")
+    except KeyError as err:
+        raise CLIError(_line(err))
+    with lrp_explicit.zero_bias(model) if args.zero_bias else _nothing():
+        try:
+            report = lrp_explicit.audit(model, {"input_ids": ids}, args.target, comp,
+                                        record=args.record)
+        except (IndexError, TypeError, ValueError) as err:
+            raise CLIError(_line(err))
+        except lrp_explicit.UnruledOpError as err:
+            print(f"{PROG} audit: {_line(err)}", file=sys.stderr)
+            return 1
+    result = report.check(args.rtol) if args.check else None
+    if args.json:
+        import json
+
+        data = report.to_dict()
+        if result is not None:
+            data["check"] = result.to_dict()
+        print(report.to_json() if result is None else json.dumps(_safe(data), indent=2))
+    else:
+        print(report.table(depth=args.depth))
+        for name, tensor in report.recorded.items():
+            print(f"recorded {name}: shape {tuple(tensor.shape)}, "
+                  f"sum {float(tensor.double().sum()):.6g}")
+        if result is not None:
+            print()
+            print(result)
+    return 1 if result is not None and not result.ok else 0
+
+
+def _safe(data: Any) -> Any:
+    from .audit import _jsonable
+
+    return _jsonable(data)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
+# ============================================================================ entry point
+
+#: name -> (help, add arguments, run); ``explain`` and others are added here later.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "audit": ("audit LRP conservation of a local Hugging Face model", _add_audit, _run_audit),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = _Parser(prog=PROG, description="Explicit LRP for transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name.
+
+    Returns
+    -------
+    int
+        0 on success, 1 when a check finds problems or strict mode stops the explanation,
+        2 on bad input (one line on stderr).
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already reported in one line
+        return done.code if isinstance(done.code, int) else 2
+    _, _, run = COMMANDS[args.command]
+    try:
+        return run(args)
+    except CLIError as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
