@@ -627,16 +627,28 @@ def norm_rule(x: Tensor, op: Callable[[Tensor], Tensor], kind: str, *, weight=No
 # --------------------------------------------------------------------------------------------
 
 
+def _reduced_dims(x: Tensor, dim) -> tuple[int, ...]:
+    """The non-negative dimensions a reduction over ``dim`` (``None``: all) removes."""
+    if dim is None:
+        return tuple(range(x.dim()))
+    return tuple(d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+
+
+def _unreduce(g: Tensor, x: Tensor, dims: tuple[int, ...], keepdim: bool) -> Tensor:
+    """Put back the reduced dimensions of ``g`` so it broadcasts against ``x``."""
+    if not keepdim and g.dim() != x.dim():
+        for d in sorted(dims):
+            g = g.unsqueeze(d)
+    return g
+
+
 class ReductionEpsilonFunction(torch.autograd.Function):
     """``sum``/``mean`` over ``dim`` with the ε-rule ``R_i = (x_i / n) ⊙ R ⊘ s(z)``."""
 
     @staticmethod
     def forward(ctx, x, dim, keepdim, epsilon, op, is_mean):
         z = op(x)
-        if dim is None:
-            dims = tuple(range(x.dim()))
-        else:
-            dims = tuple(d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+        dims = _reduced_dims(x, dim)
         ctx.dims, ctx.keepdim, ctx.epsilon = dims, keepdim, epsilon
         ctx.scale = 1.0 / math.prod(x.shape[d] for d in dims) if is_mean else 1.0
         ctx.save_for_backward(x, z)
@@ -645,10 +657,7 @@ class ReductionEpsilonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         x, z = ctx.saved_tensors
-        g = _divide(relevance, z, ctx.epsilon)
-        if not ctx.keepdim and g.dim() != x.dim():
-            for d in sorted(ctx.dims):
-                g = g.unsqueeze(d)
+        g = _unreduce(_divide(relevance, z, ctx.epsilon), x, ctx.dims, ctx.keepdim)
         r_x = x * g
         if ctx.scale != 1.0:
             r_x = r_x.mul_(ctx.scale)
@@ -682,19 +691,14 @@ class VectorNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, keepdim, epsilon, op):
         y = op(x)
-        ctx.dims = tuple(range(x.dim())) if dim is None else tuple(
-            d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
-        ctx.keepdim, ctx.epsilon = keepdim, epsilon
+        ctx.dims, ctx.keepdim, ctx.epsilon = _reduced_dims(x, dim), keepdim, epsilon
         ctx.save_for_backward(x, y)
         return y
 
     @staticmethod
     def backward(ctx, relevance):
         x, y = ctx.saved_tensors
-        g = _divide(relevance, y * y, ctx.epsilon)
-        if not ctx.keepdim and g.dim() != x.dim():
-            for d in sorted(ctx.dims):
-                g = g.unsqueeze(d)
+        g = _unreduce(_divide(relevance, y * y, ctx.epsilon), x, ctx.dims, ctx.keepdim)
         return (x * x * g).to(x.dtype), None, None, None, None
 
 
