@@ -209,3 +209,20 @@ def test_options_reach_family_composites():
                           ops={"softmax": CPLRP_OPS["softmax"]})
     assert comp.epsilon == 1e-3 and comp.strict and comp.ops["softmax"] is CPLRP_OPS["softmax"]
     assert "llama" in comp.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_forward_exact_and_equivalent(name, variant):
+    family = BY_NAME[name]
+    model = family.build(attn=family.attn[-1]).cuda()
+    x, key = inputs(family, model, batch=2)
+    x = x.cuda()
+    plain = model(**{key: x})[0]
+    relevance, output, _ = explain(model, x, key, variant)
+    assert torch.equal(output[0].detach(), plain)
+    reference = reference_relevance(model, variant, x, score, input_name=key)
+    assert relative_error(relevance, reference) < 1e-6
+    low, _, _ = explain(model.to(torch.bfloat16), x.to(torch.bfloat16), key, variant)
+    assert torch.isfinite(low).all() and pearson(low, relevance) >= 0.95
