@@ -81,6 +81,8 @@ class _Mode(TorchFunctionMode):
             return out if self.attnlrp else out.detach()
         if func is F.scaled_dot_product_attention:
             return self.attention(*args, **kwargs)
+        if func is F.multi_head_attention_forward:
+            return self.multi_head_attention(*args, **kwargs)
         if func is F.layer_norm and grad_path(args[0]):
             return layer_norm(args[0], *args[1:], **kwargs)
         return func(*args, **kwargs)
@@ -109,6 +111,25 @@ class _Mode(TorchFunctionMode):
             return weights.detach() @ v
         out = weights @ v
         return half_trick(out) if grad_path(weights) and grad_path(v) else out
+
+
+    def multi_head_attention(self, query, key, value, embed_dim, num_heads, in_proj_weight,
+                             in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p,
+                             out_proj_weight, out_proj_bias, **kwargs):
+        """Unmasked self-attention of ``nn.MultiheadAttention`` (sequence first), packed
+        projections: linear maps unchanged, the attention with the tricks above."""
+        assert query is key is value and bias_k is None and not add_zero_attn
+        assert kwargs.get("attn_mask") is None and kwargs.get("key_padding_mask") is None
+        length, batch, _ = query.shape
+        head = embed_dim // num_heads
+
+        def split(t):
+            return t.reshape(length, batch, num_heads, head).permute(1, 2, 0, 3)
+
+        q, k, v = F.linear(query, in_proj_weight, in_proj_bias).chunk(3, -1)
+        out = self.attention(split(q), split(k), split(v))
+        out = out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim)
+        return F.linear(out, out_proj_weight, out_proj_bias), None
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):

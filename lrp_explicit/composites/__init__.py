@@ -28,7 +28,7 @@ class UnknownModelError(LookupError):
 @dataclass
 class _Family:
     model_types: set[str] = field(default_factory=set)
-    model_classes: tuple[type, ...] = ()
+    model_classes: tuple[type | str, ...] = ()
     factories: dict[str, Callable[..., Composite]] = field(default_factory=dict)
 
 
@@ -46,7 +46,7 @@ def register(
     *,
     family: str = GENERIC,
     model_types: Iterable[str] = (),
-    model_classes: Iterable[type] = (),
+    model_classes: Iterable[type | str] = (),
     overwrite: bool = False,
 ) -> None:
     """Register a composite factory under ``name`` for a model family.
@@ -62,8 +62,10 @@ def register(
         Family name, e.g. ``"llama"``; ``"generic"`` serves plain PyTorch models.
     model_types : iterable of str
         Hugging Face ``config.model_type`` values that belong to the family.
-    model_classes : iterable of type
-        Module classes whose presence in a model identifies the family.
+    model_classes : iterable of type or str
+        Module classes whose presence in a model identifies the family; a string is a
+        qualified class name (``"torchvision.models.vision_transformer.VisionTransformer"``),
+        matched through the class hierarchy without importing its module.
     overwrite : bool
         Replace an existing entry instead of raising ``ValueError``.
     """
@@ -109,7 +111,7 @@ def family_of(model: nn.Module) -> str:
                 return name
     classes = {type(m) for m in model.modules()}
     for name, fam in _families.items():
-        if fam.model_classes and any(issubclass(c, fam.model_classes) for c in classes):
+        if fam.model_classes and any(_is_a(c, fam.model_classes) for c in classes):
             return name
     if model_type is None:
         return GENERIC
@@ -120,6 +122,13 @@ def family_of(model: nn.Module) -> str:
         f"Try the generic composites with get(name, model, family='generic'), or register "
         "your own with lrp_explicit.composites.register(name, factory, family=..., "
         f"model_types=[{model_type!r}]).")
+
+
+def _is_a(cls: type, model_classes: tuple[type | str, ...]) -> bool:
+    for base in cls.__mro__:
+        if base in model_classes or f"{base.__module__}.{base.__qualname__}" in model_classes:
+            return True
+    return False
 
 
 def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
@@ -160,3 +169,4 @@ def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
 # importing a family module registers its composites
 from . import generic  # noqa: E402,F401
 from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, vit  # noqa: E402,F401,E501
+from . import torchvision_vit  # noqa: E402,F401

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
 import threading
 from collections import Counter
 from typing import Any, Callable, Iterator, Mapping
@@ -48,6 +49,12 @@ class Composite:
     validate : callable, optional
         Called with the model by :meth:`register` before anything changes; it raises (e.g.
         ``NotImplementedError``) for a configuration the rules cannot explain.
+    zennit : zennit.core.Composite, optional
+        A zennit composite (e.g. ``LayerMapComposite([(nn.Linear, Gamma(0.25))])``) that shares
+        the backward pass: :meth:`register` registers it on the model first, and every module
+        it hooks is left to it (no rule of ours, no op dispatch inside); our rules handle the
+        rest (attention, norms, activations, residuals, functional ops). :meth:`remove`
+        removes it too. Both work in relevance space, so their relevances compose.
 
     Examples
     --------
@@ -67,6 +74,7 @@ class Composite:
         epsilon: float | None = None,
         name: str | None = None,
         validate: Callable[[nn.Module], None] | None = None,
+        zennit: Any = None,
     ) -> None:
         self.module_rules = dict(modules)
         for key, factory in self.module_rules.items():
@@ -88,13 +96,20 @@ class Composite:
         self.epsilon = epsilon
         self.name = name or "composite"
         self.validate = validate
+        core = sys.modules.get("zennit.core")
+        if zennit is not None and (core is None or not isinstance(zennit, core.Composite)):
+            raise TypeError("zennit= takes a zennit composite (zennit.core.Composite, e.g. "
+                            f"zennit.composites.LayerMapComposite), got {type(zennit).__name__}")
+        self.zennit = zennit
+        self.zennit_modules: set[int] = set()  # ids of the modules the zennit composite hooks
         self.model: nn.Module | None = None
         self.unruled: Counter[tuple[str, str]] = Counter()
         self._undo: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         state = "registered" if self.model is not None else "not registered"
-        return f"Composite({self.name!r}, {len(self.module_rules)} module rules, {state})"
+        extra = f", zennit {type(self.zennit).__name__}" if self.zennit is not None else ""
+        return f"Composite({self.name!r}, {len(self.module_rules)} module rules{extra}, {state})"
 
     # ------------------------------------------------------------------ matching
 
@@ -124,12 +139,14 @@ class Composite:
 
         Matching child modules are replaced by their rule wrappers, parameters are frozen
         (``requires_grad=False``), every module is put in eval mode, and the op dispatch is
-        activated for this model's forward only.
+        activated for this model's forward only. A zennit composite given as ``zennit=`` is
+        registered first; the modules it hooks keep their zennit rules and get none of ours.
 
         Raises
         ------
         CompositeError
-            If ``model`` already carries a composite or this composite is registered elsewhere.
+            If ``model`` already carries a composite, this composite is registered elsewhere,
+            or the zennit composite is already registered on a model.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"register() needs an nn.Module, got {type(model).__name__}")
@@ -139,6 +156,10 @@ class Composite:
             if self.model is not None:
                 raise CompositeError(f"{self!r} is already registered on a model; call remove() "
                                      "first or create another composite")
+            if self.zennit is not None and self.zennit.handles:
+                raise CompositeError(
+                    f"the zennit composite {type(self.zennit).__name__} is already registered on "
+                    "a model; remove it first (register() registers it and remove() removes it)")
             other = _carriers.get(id(model))
             if other is not None:
                 raise CompositeError(
@@ -159,10 +180,22 @@ class Composite:
         self._undo.append(lambda: [m.train(t) if m.training != t else None for m, t in modes])
         for p, _ in flags:
             p.requires_grad_(False)
+        self.zennit_modules = set()
+        if self.zennit is not None:
+            self.zennit.register(model)  # on the user's module tree, before any rule wrapper
+            self._undo.append(self.zennit.remove)
+            hooks = self.zennit.hook_refs
+            for module in model.modules():
+                if any(getattr(h, "__self__", None) in hooks
+                       for h in module._forward_pre_hooks.values()):
+                    self.zennit_modules.add(id(module))
 
         wrappers: dict[int, nn.Module] = {}
         opaque: set[int] = set()
-        self._wrap_children(model, "", wrappers, opaque)
+        if id(model) in self.zennit_modules:  # the whole model is zennit's
+            opaque.update(id(m) for m in model.modules())
+        else:
+            self._wrap_children(model, "", wrappers, opaque)
         self._wrap_checkpointing(model)
         model.eval()
         dispatch.bind(self, model, opaque)
@@ -173,6 +206,9 @@ class Composite:
                        opaque: set[int]) -> None:
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}{child_name}"
+            if id(child) in self.zennit_modules:  # zennit's: no rule, no dispatch inside
+                opaque.update(id(m) for m in child.modules())
+                continue
             if id(child) in wrappers:  # a module shared between parents: reuse its wrapper
                 wrapper = wrappers[id(child)]
             else:
@@ -216,6 +252,7 @@ class Composite:
             return
         while self._undo:
             self._undo.pop()()
+        self.zennit_modules = set()
         with _carriers_lock:
             _carriers.pop(id(self.model), None)
             self.model = None

@@ -2,11 +2,14 @@
 
 They bind ``nn.Linear`` (ε), ``nn.Conv1d/2d/3d`` (ε through a vector-Jacobian product),
 ``nn.LayerNorm``/``nn.RMSNorm`` (constant std), the element-wise activation modules (identity),
-``nn.Softmax`` and dropout, and leave attention, residuals, gates and pooling written with
-functional calls to the shared op table. A hand-written transformer block needs no extra code.
+``nn.Softmax``, dropout and ``nn.MultiheadAttention`` (:class:`~lrp_explicit.rules.
+MultiheadAttentionRule`, CP-LRP holding its weights constant), and leave attention, residuals,
+gates and pooling written with functional calls to the shared op table. A hand-written
+transformer block needs no extra code.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -16,7 +19,7 @@ from ..ops import CPLRP_OPS
 from . import register
 from .base import Composite
 
-__all__ = ["ACTIVATIONS", "attnlrp", "cp_lrp"]
+__all__ = ["ACTIVATIONS", "module_rules", "attnlrp", "cp_lrp"]
 
 #: Element-wise activation modules of ``torch.nn`` (identity rule).
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -25,7 +28,8 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 
 
-def _module_rules(softmax_rule: type[rules.Rule]) -> dict[Any, Any]:
+def module_rules(cp_lrp: bool) -> dict[Any, Any]:
+    """The generic module rules of AttnLRP (``cp_lrp=False``) or CP-LRP."""
     table: dict[Any, Any] = {
         nn.Linear: rules.EpsilonRule,
         nn.Conv1d: rules.EpsilonRule,
@@ -33,9 +37,10 @@ def _module_rules(softmax_rule: type[rules.Rule]) -> dict[Any, Any]:
         nn.Conv3d: rules.EpsilonRule,
         nn.LayerNorm: rules.NormRule,
         nn.RMSNorm: rules.NormRule,
-        nn.Softmax: softmax_rule,
+        nn.Softmax: rules.StopRule if cp_lrp else rules.SoftmaxRule,
         nn.Dropout: rules.PassRule,
         nn.Identity: rules.PassRule,
+        nn.MultiheadAttention: partial(rules.MultiheadAttentionRule, hold_weights=cp_lrp),
     }
     table.update({act: rules.IdentityRule for act in ACTIVATIONS})
     return table
@@ -43,12 +48,12 @@ def _module_rules(softmax_rule: type[rules.Rule]) -> dict[Any, Any]:
 
 def attnlrp(**options: Any) -> Composite:
     """AttnLRP (Achtibat et al., ICML 2024) for plain PyTorch models."""
-    return Composite(_module_rules(rules.SoftmaxRule), name="attnlrp", **options)
+    return Composite(module_rules(False), name="attnlrp", **options)
 
 
 def cp_lrp(**options: Any) -> Composite:
     """CP-LRP (Ali et al., 2022): attention weights and gates held constant."""
-    return Composite(_module_rules(rules.StopRule), ops=CPLRP_OPS, name="cp-lrp", **options)
+    return Composite(module_rules(True), ops=CPLRP_OPS, name="cp-lrp", **options)
 
 
 register("attnlrp", attnlrp)
