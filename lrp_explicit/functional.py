@@ -82,15 +82,37 @@ def stabilize(z: Tensor, epsilon: float | None = None) -> Tensor:
         The stabiliser; ``None`` takes :func:`default_epsilon` of ``z.dtype``.
     """
     eps = _eps(epsilon, z.dtype)
-    return torch.where(z >= 0, z + eps, z - eps)
+    # |z| + ε with the sign of z: exact, and several times faster on CPU than torch.where;
+    # adding 0.0 turns −0.0 into +0.0, so both zeros get +ε
+    t = z + 0.0
+    return t.abs().add_(eps).copysign_(t)
 
 
 def _divide(relevance: Tensor, z: Tensor, epsilon: float | None) -> Tensor:
-    """``R ⊘ s(z)``; in float32 for half-precision inputs (the callers cast back)."""
+    """``R ⊘ s(z)``; in float32 for half-precision inputs (the callers cast back).
+
+    For the ε-rules of sums and products only: ``s`` is computed as ``z + copysign(ε, z)`` (one
+    temporary, two passes), which gives −ε rather than +ε at ``z = −0.0``.
+    That changes no relevance: a sum or product is −0.0 only if every contribution ``z_i`` is
+    a zero, and ``R_i = z_i ⊙ R ⊘ s(z)`` is then a zero of either sign. :func:`stabilize`
+    itself keeps ``sign(−0.0) = +1``.
+    """
     if z.dtype in _HALF:
         epsilon = default_epsilon(z.dtype) if epsilon is None else epsilon
-        return relevance.float() / stabilize(z.float(), epsilon)
-    return relevance / stabilize(z, epsilon)
+        relevance, z = relevance.float(), z.float()
+    eps = torch.tensor(_eps(epsilon, z.dtype), dtype=z.dtype)
+    s = torch.copysign(eps, z).add_(z)
+    if s.shape == relevance.shape and s.dtype == relevance.dtype and not torch.is_grad_enabled():
+        return torch.div(relevance, s, out=s)  # the denominator is a temporary: reuse it
+    return relevance / s
+
+
+def _ratio(z: Tensor, epsilon: float | None) -> Tensor:
+    """``z ⊘ s(z) = |z| ⊘ (|z| + ε)`` (0 at z = 0), in float32 for half-precision ``z``: the
+    factor by which the ε-rule of a linear map scales relevance, in three passes."""
+    eps = _eps(epsilon, z.dtype)
+    a = _accurate(z).abs()
+    return a.div_(a + eps)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -144,9 +166,15 @@ def _product_relevance(a: Tensor, b: Tensor, g: Tensor, need_a: bool, need_b: bo
     each when both are on the path, all to the one that is otherwise."""
     share = scale * (0.5 if (need_a and need_b) else 1.0)
     grad_a, grad_b = _matmul_grads(a, b, g.to(a.dtype), need_a, need_b)
-    r_a = None if grad_a is None else (a * grad_a).mul_(share)
-    r_b = None if grad_b is None else (b * grad_b).mul_(share)
+    # the products are temporaries: multiply in place
+    r_a = None if grad_a is None else _scaled(grad_a.mul_(a), share)
+    r_b = None if grad_b is None else _scaled(grad_b.mul_(b), share)
     return r_a, r_b
+
+
+def _scaled(t: Tensor, factor: float) -> Tensor:
+    """``t`` times ``factor`` in place, skipping the pass when ``factor`` is 1."""
+    return t if factor == 1.0 else t.mul_(factor)
 
 
 class MatmulUniformFunction(torch.autograd.Function):
@@ -319,8 +347,13 @@ class AddEpsilonFunction(torch.autograd.Function):
         else:
             g = _divide(relevance, z, ctx.epsilon)
         need_a, need_b = ctx.needs
-        r_a = _sum_to(g * a if ctx.coef_a == 1 else g * a * ctx.coef_a, a) if need_a else None
-        r_b = _sum_to(g * b if ctx.coef_b == 1 else g * b * ctx.coef_b, b) if need_b else None
+        r_a = _sum_to(_scaled(g * a, ctx.coef_a), a) if need_a else None
+        # g is not needed after this: multiply in place where the shapes allow it
+        if need_b:
+            r_b = g.mul_(b) if g.shape == b.shape and g.dtype == b.dtype else g * b
+            r_b = _sum_to(_scaled(r_b, ctx.coef_b), b)
+        else:
+            r_b = None
         return r_a, r_b, None, None, None, None
 
 
@@ -418,6 +451,23 @@ def softmax(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
     return SoftmaxFunction.apply(x, dim, dtype)
 
 
+#: The backward of :class:`AttentionFunction` processes the query rows in blocks of about
+#: this many attention weights (1 MiB in float32) …
+ATTENTION_BLOCK = 1 << 18
+#: … and of at least this many rows (the matrix products stay efficient).
+ATTENTION_ROWS = 128
+
+
+def _accumulate(acc: Tensor | None, part: Tensor, length: int) -> Tensor:
+    """``acc + part`` over the first ``part.shape[-2]`` of ``length`` rows (``acc`` may be None)."""
+    if acc is None:
+        if part.shape[-2] == length:
+            return part
+        acc = part.new_zeros(*part.shape[:-2], length, part.shape[-1])
+    acc[..., :part.shape[-2], :].add_(part)
+    return acc
+
+
 class AttentionFunction(torch.autograd.Function):
     """``F.scaled_dot_product_attention`` decomposed into the rules in its backward.
 
@@ -448,53 +498,89 @@ class AttentionFunction(torch.autograd.Function):
         ke = k.repeat_interleave(groups, dim=-3) if groups > 1 else k
         ve = v.repeat_interleave(groups, dim=-3) if groups > 1 else v
         scale = ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-
-        scores = q @ ke.mT
-        pre = scores * scale
-        x = pre
-        length, source = q.shape[-2], k.shape[-2]
-        if ctx.is_causal:
-            keep = torch.ones(length, source, dtype=torch.bool, device=q.device).tril_()
-            x = x.masked_fill(~keep, float("-inf"))
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                x = x.masked_fill(~mask, float("-inf"))
-            else:
-                x = x + mask
-        low = q.dtype in (torch.float16, torch.bfloat16)
-        weights = torch.softmax(x, -1, dtype=torch.float32 if low else None)
-        weights = weights.to(q.dtype).nan_to_num_(0.0)  # fully masked rows: 0, not NaN
+        eps = ctx.epsilon
+        weights_on_path = need_q or need_k
+        additive = mask is not None and mask.dtype != torch.bool
 
         # the denominator is the fused kernel's own output (what the relevance was computed
         # for); a recomputed A·v differs by round-off, which R ⊘ s(z) amplifies near z = 0
-        g = _divide(relevance, out.nan_to_num(0.0), ctx.epsilon).to(q.dtype)
+        out = out.nan_to_num(0.0)
+        g = _divide(relevance, out, eps).to(q.dtype)
+        if need_v and weights_on_path:
+            g = g * 0.5  # uniform-ε on A·v: half to v, half to A (exact: a power of two)
+        # the softmax rule needs Σ_j R_A[i, j] = Σ_j A_ij (g vᵀ)_ij = Σ_d g_id (A v)_id: a row
+        # sum of g ⊙ out, so R_A itself is never formed
+        total = (_accurate(g) * _accurate(out)).sum(-1, keepdim=True) if weights_on_path \
+            else None
+
+        # The query rows are processed in blocks (the rules act row by row): memory is bounded
+        # whatever the sequence length, and with a causal mask a block only meets the keys its
+        # rows can see.
+        length, source = q.shape[-2], k.shape[-2]
+        lead = math.prod(torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2]))
+        rows = min(length, max(ATTENTION_ROWS, ATTENTION_BLOCK // max(1, lead * source)))
+        row_mask = mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1
+        column_mask = mask is not None and mask.shape[-1] != 1
+        parts_q: list[Tensor] = []
+        acc_k = acc_v = None
+        for start in range(0, length, rows):
+            stop = min(length, start + rows)
+            width = min(source, stop) if ctx.is_causal else source
+            qb, gb = q[..., start:stop, :], g[..., start:stop, :]
+            kb, vb = ke[..., :width, :], ve[..., :width, :]
+            scores = qb @ kb.mT
+            if ctx.is_causal:  # top-left aligned, as in F.scaled_dot_product_attention
+                bias = torch.full((stop - start, width), float("-inf"), dtype=scores.dtype,
+                                  device=q.device).triu_(start + 1)
+                x = torch.add(bias, scores, alpha=scale)  # = scores·scale, −inf above
+            else:
+                x = scores * scale
+            if mask is not None:
+                mb = mask[..., start:stop, :] if row_mask else mask
+                mb = mb[..., :width] if column_mask else mb
+                x = x.masked_fill(~mb, float("-inf")) if mask.dtype == torch.bool else x + mb
+            low = q.dtype in _HALF
+            weights = torch.softmax(x, -1, dtype=torch.float32 if low else None).to(q.dtype)
+            if mask is not None:
+                weights.nan_to_num_(0.0)  # fully masked rows: 0, not NaN
+            if need_v:
+                acc_v = _accumulate(acc_v, weights.mT @ gb, source)
+            if not weights_on_path:
+                continue
+            # softmax as Gradient×Input: R_x = x ⊙ (R_A − A ⊙ Σ R_A) = x ⊙ A ⊙ (g vᵀ − Σ)
+            d = _accurate(gb @ vb.mT).sub_(total[..., start:stop, :]).mul_(_accurate(weights))
+            if additive:  # the additive mask absorbs its share, then identity through scaling
+                r_x = d.mul_(x).to(x.dtype).masked_fill_(x <= torch.finfo(x.dtype).min, 0.0)
+                r_pre = (scores * scale) * _divide(r_x, x, eps)
+                gs = _divide(r_pre, scores, eps)
+            else:
+                # x ⊙ d ⊘ s(scores) with x = scale·scores (0 where masked, d is 0 there too):
+                # scale · d ⊙ |scores| ⊘ (|scores| + ε), in place on the scores (no longer
+                # needed); the scale is applied to the small products below
+                a = _accurate(scores).abs_()
+                gs = d.mul_(a).div_(a.add_(_eps(eps, scores.dtype)))
+            gs = gs.to(q.dtype)
+            if need_q:
+                parts_q.append(gs @ kb)
+            if need_k:
+                acc_k = _accumulate(acc_k, gs.mT @ qb, source)
+
         r_q = r_k = r_v = None
-        # uniform-ε: half each when both factors are on the path, else all to the one that is
-        weights_on_path = need_q or need_k
+        # uniform-ε through q kᵀ: half each when both are on the path
+        factor = (0.5 if (need_q and need_k) else 1.0) * (1.0 if additive else scale)
+        if need_q:
+            grad_q = parts_q[0] if len(parts_q) == 1 else torch.cat(parts_q, -2)
+            r_q = _sum_to(q * _scaled(grad_q, factor), q)
+        if need_k:
+            r_k = ke * _scaled(acc_k, factor)
+            if groups > 1:
+                r_k = r_k.unflatten(-3, (-1, groups)).sum(-3)
+            r_k = _sum_to(r_k, k)
         if need_v:
-            r_v = ve * (weights.mT @ g)
-            if weights_on_path:
-                r_v.mul_(0.5)
+            r_v = ve * acc_v
             if groups > 1:
                 r_v = r_v.unflatten(-3, (-1, groups)).sum(-3)
             r_v = _sum_to(r_v, v)
-        if need_q or need_k:
-            r_weights = weights * (g @ ve.mT)
-            if need_v:
-                r_weights.mul_(0.5)
-            r_x = _softmax_relevance(x, weights, r_weights, -1)
-            if mask is not None and mask.dtype != torch.bool:
-                r_x = pre * _divide(r_x, x, ctx.epsilon)  # the additive mask absorbs its share
-            # identity through the scaling, then uniform-ε through q kᵀ
-            gs = _divide(r_x, scores, ctx.epsilon).to(q.dtype)
-            share = 0.5 if (need_q and need_k) else 1.0
-            if need_q:
-                r_q = _sum_to((q * (gs @ ke)).mul_(share), q)
-            if need_k:
-                r_k = (ke * (gs.mT @ q)).mul_(share)
-                if groups > 1:
-                    r_k = r_k.unflatten(-3, (-1, groups)).sum(-3)
-                r_k = _sum_to(r_k, k)
         return r_q, r_k, r_v, None, None, None, None, None, None
 
 
@@ -521,6 +607,8 @@ def scaled_dot_product_attention(
     hold_weights : bool
         Hold the attention weights constant (CP-LRP): all relevance goes to ``v``.
     """
+    if hold_weights:  # q and k are constants: cut them off the graph (no None relevance
+        q, k = q.detach(), k.detach()  # reaches their producers, e.g. zennit-hooked layers)
     return AttentionFunction.apply(
         q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, hold_weights
     )
@@ -549,7 +637,8 @@ class LayerNormFunction(torch.autograd.Function):
         x, y, relevance = _accurate(x), _accurate(y), _accurate(relevance)
         var = x.var(dim=dims, unbiased=False, keepdim=True)
         eps = default_epsilon(dtype) if ctx.epsilon is None else ctx.epsilon
-        g = _divide(relevance, y, eps) * torch.rsqrt(var + ctx.eps)
+        # not _divide: a LayerNorm output of −0.0 is no sum of zeros (keep sign(−0.0) = +1)
+        g = relevance / stabilize(y, eps) * torch.rsqrt(var + ctx.eps)
         if weight is not None:
             g = g * weight
         r_x = (g - g.mean(dim=dims, keepdim=True)).mul_(x)
@@ -583,7 +672,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         (y,) = ctx.saved_tensors
-        r_x = _divide(relevance, y, ctx.epsilon).mul_(y)
+        r_x = _ratio(y, ctx.epsilon).mul_(relevance)  # R ⊙ y ⊘ s(y)
         return r_x.to(ctx.dtype), None, None
 
 

