@@ -455,7 +455,7 @@ def softmax(x: Tensor, dim: int, dtype: torch.dtype | None = None) -> Tensor:
 #: this many attention weights (1 MiB in float32) …
 ATTENTION_BLOCK = 1 << 18
 #: … and of at least this many rows (the matrix products stay efficient).
-ATTENTION_ROWS = 128
+ATTENTION_ROWS = 64
 
 
 def _accumulate(acc: Tensor | None, part: Tensor, length: int) -> Tensor:
@@ -466,6 +466,12 @@ def _accumulate(acc: Tensor | None, part: Tensor, length: int) -> Tensor:
         acc = part.new_zeros(*part.shape[:-2], length, part.shape[-1])
     acc[..., :part.shape[-2], :].add_(part)
     return acc
+
+
+def _batched(t: Tensor, lead: torch.Size) -> Tensor:
+    """``t`` (``(*lead', n, d)``, ``lead'`` broadcastable to ``lead``) as ``(prod(lead), n, d)``:
+    a view where the strides allow it."""
+    return t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -513,33 +519,42 @@ class AttentionFunction(torch.autograd.Function):
         total = (_accurate(g) * _accurate(out)).sum(-1, keepdim=True) if weights_on_path \
             else None
 
-        # The query rows are processed in blocks (the rules act row by row): memory is bounded
+        # The matrices are processed as a batch (leading dimensions flattened), so that baddbmm
+        # fuses the scaling, the causal mask and the softmax's row sums into the products. The
+        # query rows are processed in blocks (the rules act row by row): memory is bounded
         # whatever the sequence length, and with a causal mask a block only meets the keys its
         # rows can see.
         length, source = q.shape[-2], k.shape[-2]
-        lead = math.prod(torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2]))
-        rows = min(length, max(ATTENTION_ROWS, ATTENTION_BLOCK // max(1, lead * source)))
+        lead = torch.broadcast_shapes(q.shape[:-2], ke.shape[:-2])
+        q3, k3, v3, g3 = (_batched(t, lead) for t in (q, ke, ve, g))
+        t3 = _batched(total, lead) if weights_on_path else None
+        rows = min(length, max(ATTENTION_ROWS,
+                               ATTENTION_BLOCK // max(1, q3.shape[0] * source)))
         row_mask = mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1
         column_mask = mask is not None and mask.shape[-1] != 1
+        low = q.dtype in _HALF
+        e = abs(scale) * _eps(eps, q.dtype)  # ε on q kᵀ, in units of x = scale · q kᵀ
         parts_q: list[Tensor] = []
         acc_k = acc_v = None
         for start in range(0, length, rows):
             stop = min(length, start + rows)
             width = min(source, stop) if ctx.is_causal else source
-            qb, gb = q[..., start:stop, :], g[..., start:stop, :]
-            kb, vb = ke[..., :width, :], ve[..., :width, :]
-            scores = qb @ kb.mT
+            qb, gb = q3[:, start:stop], g3[:, start:stop]
+            kb, vb = k3[:, :width], v3[:, :width]
             if ctx.is_causal:  # top-left aligned, as in F.scaled_dot_product_attention
-                bias = torch.full((stop - start, width), float("-inf"), dtype=scores.dtype,
+                bias = torch.full((stop - start, width), float("-inf"), dtype=q.dtype,
                                   device=q.device).triu_(start + 1)
-                x = torch.add(bias, scores, alpha=scale)  # = scores·scale, −inf above
+                x = torch.baddbmm(bias, qb, kb.mT, alpha=scale)  # scale · q kᵀ, −inf above
             else:
-                x = scores * scale
+                x = torch.baddbmm(qb.new_zeros(()), qb, kb.mT, beta=0.0, alpha=scale)
             if mask is not None:
                 mb = mask[..., start:stop, :] if row_mask else mask
                 mb = mb[..., :width] if column_mask else mb
-                x = x.masked_fill(~mb, float("-inf")) if mask.dtype == torch.bool else x + mb
-            low = q.dtype in _HALF
+                x4 = x.view(*lead, stop - start, width)
+                if additive:
+                    pre, x = x, (x4 + mb).view(-1, stop - start, width)
+                else:
+                    x4.masked_fill_(~mb, float("-inf"))
             weights = torch.softmax(x, -1, dtype=torch.float32 if low else None).to(q.dtype)
             if mask is not None:
                 weights.nan_to_num_(0.0)  # fully masked rows: 0, not NaN
@@ -548,17 +563,22 @@ class AttentionFunction(torch.autograd.Function):
             if not weights_on_path:
                 continue
             # softmax as Gradient×Input: R_x = x ⊙ (R_A − A ⊙ Σ R_A) = x ⊙ A ⊙ (g vᵀ − Σ)
-            d = _accurate(gb @ vb.mT).sub_(total[..., start:stop, :]).mul_(_accurate(weights))
-            if additive:  # the additive mask absorbs its share, then identity through scaling
-                r_x = d.mul_(x).to(x.dtype).masked_fill_(x <= torch.finfo(x.dtype).min, 0.0)
-                r_pre = (scores * scale) * _divide(r_x, x, eps)
-                gs = _divide(r_pre, scores, eps)
+            tb = t3[:, start:stop]
+            if low:
+                d = (gb @ vb.mT).float().sub_(tb).mul_(weights.float())
             else:
-                # x ⊙ d ⊘ s(scores) with x = scale·scores (0 where masked, d is 0 there too):
-                # scale · d ⊙ |scores| ⊘ (|scores| + ε), in place on the scores (no longer
-                # needed); the scale is applied to the small products below
-                a = _accurate(scores).abs_()
-                gs = d.mul_(a).div_(a.add_(_eps(eps, scores.dtype)))
+                d = torch.baddbmm(tb.neg(), gb, vb.mT).mul_(weights)
+            if scale == 0:  # x = 0 (plus the mask): no relevance reaches q kᵀ
+                gs = d.zero_()
+            elif additive:  # the additive mask absorbs its share, then identity through scaling
+                r_x = d.mul_(x).to(x.dtype).masked_fill_(x <= torch.finfo(x.dtype).min, 0.0)
+                # pre = scale · q kᵀ, so s(pre) with |scale|·ε is scale · s(q kᵀ)
+                gs = _divide(pre * _divide(r_x, x, eps), pre, e)
+            else:
+                # x ⊙ d ⊘ s(q kᵀ) = scale · d ⊙ |x| ⊘ (|x| + |scale|·ε) in one fused pass,
+                # d − e·d ⊘ (|x| + e); where masked, x = −inf and d = 0, so 0. The scale is
+                # applied to the small products below.
+                gs = d.addcdiv_(d, _accurate(x).abs_().add_(e), value=-e)
             gs = gs.to(q.dtype)
             if need_q:
                 parts_q.append(gs @ kb)
@@ -567,17 +587,17 @@ class AttentionFunction(torch.autograd.Function):
 
         r_q = r_k = r_v = None
         # uniform-ε through q kᵀ: half each when both are on the path
-        factor = (0.5 if (need_q and need_k) else 1.0) * (1.0 if additive else scale)
+        factor = 0.5 if (need_q and need_k) else 1.0
         if need_q:
             grad_q = parts_q[0] if len(parts_q) == 1 else torch.cat(parts_q, -2)
-            r_q = _sum_to(q * _scaled(grad_q, factor), q)
+            r_q = _sum_to(q * _scaled(grad_q.view(*lead, length, -1), factor * scale), q)
         if need_k:
-            r_k = ke * _scaled(acc_k, factor)
+            r_k = ke * _scaled(acc_k.view(*lead, source, -1), factor * scale)
             if groups > 1:
                 r_k = r_k.unflatten(-3, (-1, groups)).sum(-3)
             r_k = _sum_to(r_k, k)
         if need_v:
-            r_v = ve * acc_v
+            r_v = ve * acc_v.view(*lead, source, -1)
             if groups > 1:
                 r_v = r_v.unflatten(-3, (-1, groups)).sum(-3)
             r_v = _sum_to(r_v, v)
