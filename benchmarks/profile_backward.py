@@ -5,11 +5,8 @@ case the speed target is judged on) with ``torch.profiler`` and writes, per meth
 and backward wall time (median of warm calls) and the backward time of each kind of autograd
 node (the rule Functions for lrp_explicit, the stock nodes for the modified Gradient×Input).
 The table says where the explicit rules pay more than the fused plain backward, and why. Two
-more figures per method: the activations the autograd graph keeps for the backward (unique
-storages, parameters excluded) and the minor page faults of one call; and the forward and
-backward times again in a child process whose glibc allocator keeps freed memory
-(``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` raised), which shows what the page
-faults cost.
+more figures per method: the activations the autograd graph keeps for the backward (distinct
+storages, parameters excluded) and the minor page faults of one call.
 
     python benchmarks/profile_backward.py                    # results/speed_profile.{json,md}
     python benchmarks/profile_backward.py --model llama-60m --seq 128
@@ -17,11 +14,8 @@ faults cost.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -91,9 +85,6 @@ def saved_bytes(model, ids, composites, family: str, method: str) -> int:
     return sum(storages.values())
 
 
-#: glibc keeps freed memory instead of returning it (and re-faulting it on the next call)
-KEEP_MEMORY = {"MALLOC_TRIM_THRESHOLD_": str(1 << 34), "MALLOC_MMAP_THRESHOLD_": str(1 << 30)}
-
 
 def node_times(model, ids, composites, family: str, method: str,
                repeats: int) -> dict[str, float]:
@@ -128,17 +119,13 @@ def report(results: dict[str, Any], out: Path) -> None:
     def total(row):
         return row["forward"] + row["backward"]
 
-    kept = results.get("kept_memory_split_s")
-    lines[-2] += " page faults | saved MiB |" + (
-        " total ms, memory kept | ratio, memory kept |" if kept else "")
-    lines[-1] += "---|---|" + ("---|---|" if kept else "")
+    lines[-2] += " page faults | saved MiB |"
+    lines[-1] += "---|---|"
     for m in METHODS:
         f, b = split[m]["forward"], split[m]["backward"]
         row = (f"| {speed.LABELS[m]} | {1e3 * f:.1f} | {1e3 * b:.1f} | {1e3 * (f + b):.1f} | "
                f"{(f + b) / total(split['mgxi']):.2f} | {split[m]['page_faults']:.0f} | "
                f"{results['saved_bytes'][m] / 2 ** 20:.1f} |")
-        if kept:
-            row += f" {1e3 * total(kept[m]):.1f} | {total(kept[m]) / total(kept['mgxi']):.2f} |"
         lines.append(row)
     lines += ["", "Backward time per kind of autograd node (profiler, mean of "
               f"{results['repeats']} calls; a node's time includes the kernels it launches):", ""]
@@ -158,20 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
-    parser.add_argument("--split-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     case = next(c for c in speed.FULL_CASES + speed.QUICK_CASES if c.name == args.model)
     model = speed.build(case, torch.float32, "cpu")
     ids = speed.inputs(model, args.seq, "cpu")
     composites = speed.make_composites(model)
-    if args.split_only:  # the child process with the allocator settings
-        print(json.dumps(split_times(model, ids, composites, case.family, args.repeats)))
-        return 0
-    child = subprocess.run(
-        [sys.executable, __file__, "--split-only", "--model", args.model, "--seq", str(args.seq),
-         "--repeats", str(args.repeats)], env={**os.environ, **KEEP_MEMORY},
-        capture_output=True, text=True, check=True)
     env = common.environment()
     env["device_label"] = f"cpu, float32, 1 thread, {env['cpu']}, {env['cpu_count']} cores"
     results = {
@@ -183,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                     for m in ("mgxi", "attnlrp")},
         "saved_bytes": {m: saved_bytes(model, ids, composites, case.family, m)
                         for m in METHODS},
-        "kept_memory_env": KEEP_MEMORY,
-        "kept_memory_split_s": json.loads(child.stdout.strip().splitlines()[-1]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     report(results, args.out)

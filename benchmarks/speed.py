@@ -24,7 +24,7 @@ set (``VmHWM``, reset right before the first call, after the model and inputs ex
 Causal LMs compute the logits of the last position only (``logits_to_keep=1``, as in
 generation); BERT's masked-LM head runs on all positions and one position is explained.
 
-    python benchmarks/speed.py            # the full run (about 25 minutes on 2 shared CPU cores)
+    python benchmarks/speed.py            # the full run (about 16 minutes on 2 shared CPU cores)
     python benchmarks/speed.py --quick    # tiny models, about a minute; writes to a temp folder
     python benchmarks/speed.py --device cuda --dtype bfloat16   # on a GPU (not run here)
 """
@@ -427,7 +427,7 @@ def report(results: dict[str, Any], out: Path) -> None:
         mem_text = ("not measured" if v["memory_target_holds"] is None else
                     "holds" if v["memory_target_holds"] else "**not met**")
         lines.append(f"- {v['model']} at 512 tokens: time AttnLRP / modified G×I "
-                     f"{v['time_ratio']:.2f} (target ≤ {TIME_TARGET}: {time_text}); peak memory "
+                     f"{v['time_ratio']:.3f} (target ≤ {TIME_TARGET}: {time_text}); peak memory "
                      f"AttnLRP / I×G {fmt(v['peak_ratio'])} (target ≤ {MEMORY_TARGET}: "
                      f"{mem_text}; Δ of the call {fmt(v['delta_ratio'])}).")
     reg = [r["registration"] for r in results["cases"] if "registration" in r]
