@@ -29,3 +29,20 @@ def test_speed_quick(tmp_path):
     assert "| llama-tiny |" in (tmp_path / "speed.md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+PROFILE = SPEED.parent / "profile_backward.py"
+
+
+def test_profile_backward_runs(tmp_path):
+    """``profile_backward.py`` on the tiny LLaMA: it completes and reports every method and the
+    rule Functions' backward nodes (no figure is asserted)."""
+    run = subprocess.run([sys.executable, str(PROFILE), "--model", "llama-tiny", "--seq", "32",
+                          "--repeats", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "speed_profile.json").read_text())
+    assert set(results["split_s"]) == {"ixg", "mgxi", "attnlrp"}
+    assert results["saved_bytes"]["attnlrp"] > 0
+    assert "LinearEpsilonFunctionBackward" in results["nodes_s"]["attnlrp"]
+    assert "| AttnLRP |" in (tmp_path / "speed_profile.md").read_text()
