@@ -242,11 +242,12 @@ def linear_epsilon(
 
 
 class AddmmEpsilonFunction(torch.autograd.Function):
-    """``torch.addmm(c, m1, m2, beta=β, alpha=α)`` with the ε-rule (GPT-2's ``Conv1D``)."""
+    """``torch.addmm(c, m1, m2, beta=β, alpha=α)`` with the ε-rule (GPT-2's ``Conv1D``); with
+    ``op=torch.baddbmm`` the batched form (``nn.MultiheadAttention``'s masked scores)."""
 
     @staticmethod
-    def forward(ctx, c, m1, m2, beta, alpha, epsilon):
-        z = torch.addmm(c, m1, m2, beta=beta, alpha=alpha)
+    def forward(ctx, c, m1, m2, beta, alpha, epsilon, op: Callable = torch.addmm):
+        z = op(c, m1, m2, beta=beta, alpha=alpha)
         ctx.beta, ctx.alpha, ctx.epsilon = beta, alpha, epsilon
         ctx.save_for_backward(c, m1, m2, z)
         return z
@@ -257,7 +258,7 @@ class AddmmEpsilonFunction(torch.autograd.Function):
         g = _divide(relevance, z, ctx.epsilon).to(m1.dtype)
         r_1, r_2 = _product_relevance(m1, m2, g, _needs(ctx, 1), _needs(ctx, 2), ctx.alpha)
         r_c = _sum_to(c * g * ctx.beta, c) if _needs(ctx, 0) else None
-        return r_c, r_1, r_2, None, None, None
+        return r_c, r_1, r_2, None, None, None, None
 
 
 def addmm_epsilon(

@@ -115,21 +115,40 @@ class _Mode(TorchFunctionMode):
 
     def multi_head_attention(self, query, key, value, embed_dim, num_heads, in_proj_weight,
                              in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p,
-                             out_proj_weight, out_proj_bias, **kwargs):
-        """Unmasked self-attention of ``nn.MultiheadAttention`` (sequence first), packed
-        projections: linear maps unchanged, the attention with the tricks above."""
+                             out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
+                             need_weights=True, attn_mask=None, average_attn_weights=True,
+                             is_causal=False, **kwargs):
+        """Self-attention of ``nn.MultiheadAttention`` (sequence first), packed projections:
+        linear maps unchanged, the attention with the tricks above. Masks (``True`` or −inf:
+        not attended) are added to the scores as one additive mask; the ``is_causal`` hint
+        needs the causal ``attn_mask`` anyway, so it adds nothing."""
         assert query is key is value and bias_k is None and not add_zero_attn
-        assert kwargs.get("attn_mask") is None and kwargs.get("key_padding_mask") is None
-        length, batch, _ = query.shape
+        batched = query.dim() == 3
+        x = query if batched else query.unsqueeze(1)
+        length, batch, _ = x.shape
         head = embed_dim // num_heads
 
         def split(t):
             return t.reshape(length, batch, num_heads, head).permute(1, 2, 0, 3)
 
-        q, k, v = F.linear(query, in_proj_weight, in_proj_bias).chunk(3, -1)
-        out = self.attention(split(q), split(k), split(v))
-        out = out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim)
-        return F.linear(out, out_proj_weight, out_proj_bias), None
+        def additive(mask):
+            if mask.dtype == torch.bool:
+                return torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask, float("-inf"))
+            return mask.to(x.dtype)
+
+        bias = torch.zeros(batch, num_heads, length, length, dtype=x.dtype)
+        if attn_mask is not None:
+            m = additive(attn_mask)
+            bias = bias + (m if m.dim() == 2 else m.view(batch, num_heads, length, length))
+        if key_padding_mask is not None:
+            m = additive(key_padding_mask if batched else key_padding_mask.unsqueeze(0))
+            bias = bias + m[:, None, None, :]
+        masked = attn_mask is not None or key_padding_mask is not None
+        q, k, v = F.linear(x, in_proj_weight, in_proj_bias).chunk(3, -1)
+        out = self.attention(split(q), split(k), split(v), attn_mask=bias if masked else None)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim),
+                       out_proj_weight, out_proj_bias)
+        return (out if batched else out.squeeze(1)), None
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):

@@ -136,6 +136,105 @@ def test_multihead_attention_rule_matches_modified_gradient_x_input(variant):
     assert relative_error(ours, reference) < 1e-6
 
 
+def _mha_masks(batch: int = 2, length: int = 5) -> dict[str, dict]:
+    """Mask arguments of ``nn.MultiheadAttention`` (``True`` / −inf: not attended)."""
+    torch.manual_seed(5)
+    padding = torch.zeros(batch, length, dtype=torch.bool)
+    padding[1, 3:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.float64)
+    scattered = torch.rand(length, length) > 0.6
+    scattered.fill_diagonal_(False)
+    per_head = torch.randn(batch * 4, length, length, dtype=torch.float64)
+    return {
+        "padding": dict(key_padding_mask=padding),
+        "padding_additive": dict(key_padding_mask=torch.zeros(batch, length, dtype=torch.float64)
+                                 .masked_fill(padding, float("-inf"))),
+        "causal": dict(attn_mask=causal, is_causal=True),
+        "causal_and_padding": dict(attn_mask=causal, is_causal=True,
+                                   key_padding_mask=causal.new_zeros(batch, length)
+                                   .masked_fill(padding, float("-inf"))),
+        "bool": dict(attn_mask=scattered),
+        "bool_and_padding": dict(attn_mask=scattered, key_padding_mask=padding),
+        "per_head_additive": dict(attn_mask=per_head),
+    }
+
+
+class _MaskedAttention(nn.Module):
+    """Self-attention with a residual and a head, the masks fixed: a model for the tests."""
+
+    def __init__(self, need_weights: bool, masks: dict, batch_first: bool = True):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+        self.need_weights, self.masks = need_weights, masks
+
+    def forward(self, x):
+        out, _ = self.attention(x, x, x, need_weights=self.need_weights, **self.masks)
+        return self.head(out + x)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", list(_mha_masks()))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_multihead_attention_rule_with_masks(masks, need_weights, variant):
+    """Masked self-attention: the forward is exact and the relevance equals the independent
+    modified Gradient×Input (masks as one additive mask there); masked keys get no relevance
+    through the attention."""
+    torch.manual_seed(4)
+    model = _MaskedAttention(need_weights, _mha_masks()[masks]).double().eval()
+    model.requires_grad_(False)  # as while explaining (see reference_forward)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    plain = model(x.clone().requires_grad_()).detach()
+    comp = composites.get(variant, model, strict=True)
+    with comp.context(model):
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        y = out[:, 1, 0]  # one logit per sample, relevance initialised with it
+        y.backward(y.detach())
+    assert torch.equal(out.detach(), plain)
+    assert not comp.unruled
+    reference = reference_relevance(model, variant, x, lambda o: o[:, 1, 0], input_name="x")
+    ours = (leaf.grad).detach()
+    assert torch.isfinite(ours).all()
+    assert relative_error(ours, reference) < 1e-6
+
+
+def test_transformer_encoder_with_padding_and_causal_masks():
+    """A stock ``nn.TransformerEncoder`` (it calls the attention with ``need_weights=False`` and
+    the ``is_causal`` hint) explained with padding and causal masks: forward exact, relevance
+    equal to the modified Gradient×Input."""
+    torch.manual_seed(6)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double().eval()
+    causal = nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+    padding = torch.zeros(2, 6, dtype=torch.float64)
+    padding[0, 4:] = float("-inf")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x):
+            return self.encoder(x, mask=causal, src_key_padding_mask=padding, is_causal=True)
+
+    model = Model().requires_grad_(False)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    plain = model(x.clone().requires_grad_()).detach()
+    comp = composites.get("attnlrp", model, strict=True)
+    with comp.context(model):
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        y = out[:, 2, 0]
+        y.backward(y.detach())
+    assert torch.equal(out.detach(), plain)
+    reference = reference_relevance(model, "attnlrp", x, lambda o: o[:, 2, 0], input_name="x")
+    assert relative_error(leaf.grad, reference) < 1e-6
+    # padded positions of sample 0 are never attended: no relevance reaches them via attention;
+    # position 2 of sample 0 cannot see positions 3.. (causal), so they get none at all
+    assert leaf.grad[0, 3:].abs().max() == 0
+
+
 def test_torchvision_vit_is_its_own_family_and_mha_needs_the_rule():
     model = tv_vit()
     assert composites.family_of(model) == "torchvision-vit"
@@ -172,8 +271,8 @@ def test_multihead_attention_rule_forward_is_exact(need_weights, batch_first, ho
             assert torch.equal(out[1], plain[1])
     with pytest.raises(NotImplementedError, match="cross-attention"):
         rule(x, x.detach().clone(), x)
-    with pytest.raises(NotImplementedError, match="masks"):
-        rule(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="is_causal"):
+        rule(x, x, x, is_causal=True)
     with pytest.raises(TypeError, match="MultiheadAttention"):
         rules.MultiheadAttentionRule(nn.Linear(2, 2))
 

@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as lf
@@ -246,10 +247,15 @@ class MultiheadAttentionRule(Rule):
       the zennit composite's rule for ``nn.Linear`` (γ, αβ, ε …) applies there; otherwise by
       the ε-rule.
 
+    Masks are merged exactly as ``F.multi_head_attention_forward`` merges them (``attn_mask``
+    boolean or additive, ``key_padding_mask``, the ``is_causal`` hint); the merged additive mask
+    absorbs its share of the relevance (ε-rule of the sum ``scores + mask``), and masked
+    positions receive none.
+
     Supported: self-attention (``query is key is value``), batched or not, ``batch_first``
     either way, ``need_weights`` either way (the returned weights are constants), packed
-    projections, no ``bias_k``/``bias_v``, no ``add_zero_attn``, no masks (vision
-    transformers). Other calls raise ``NotImplementedError``.
+    projections, masks, no ``bias_k``/``bias_v``, no ``add_zero_attn``. Other calls raise
+    ``NotImplementedError``.
 
     Parameters
     ----------
@@ -273,8 +279,7 @@ class MultiheadAttentionRule(Rule):
         return f"hold_weights={self.hold_weights}" + (
             ", " + super().extra_repr() if self.epsilon is not None else "")
 
-    def _check(self, query: Tensor, key: Tensor, value: Tensor, masks: bool,
-               is_causal: bool) -> None:
+    def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         mha = self.module
         problems = []
         if not (query is key and key is value):
@@ -283,14 +288,41 @@ class MultiheadAttentionRule(Rule):
             problems.append("separate q/k/v projection weights (kdim/vdim)")
         if mha.bias_k is not None or mha.add_zero_attn:
             problems.append("bias_k/bias_v or add_zero_attn")
-        if masks or is_causal:
-            problems.append("attention masks")
         if mha.training and mha.dropout > 0:
             problems.append("attention dropout in training mode")
         if problems:
             raise NotImplementedError(
-                "MultiheadAttentionRule explains unmasked self-attention with packed "
-                f"projections; this call uses {', '.join(problems)}")
+                "MultiheadAttentionRule explains self-attention with packed projections; "
+                f"this call uses {', '.join(problems)}")
+
+    def _merged_mask(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                     is_causal: bool, need_weights: bool, batched: bool, batch: int,
+                     length: int, dtype: torch.dtype) -> tuple[Tensor | None, bool]:
+        """The additive mask ``(batch·heads | 1, L, S)`` and causal flag that
+        ``F.multi_head_attention_forward`` computes from the module's arguments (the same
+        steps, with torch's own canonicalisation)."""
+        heads = self.module.num_heads
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask, mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask), other_name="attn_mask", target_type=dtype)
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                      other_name="", target_type=dtype, check_other=False)
+        if key_padding_mask is not None and not batched:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as "
+                               "nn.MultiheadAttention requires)")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # F.scaled_dot_product_attention's is_causal does the masking
+        elif key_padding_mask is not None:
+            is_causal = False
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.view(batch, 1, 1, -1).expand(
+                -1, heads, -1, -1).reshape(batch * heads, 1, -1)
+            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        return attn_mask, is_causal
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
@@ -301,8 +333,7 @@ class MultiheadAttentionRule(Rule):
             return mha(query, key, value, key_padding_mask=key_padding_mask,
                        need_weights=need_weights, attn_mask=attn_mask,
                        average_attn_weights=average_attn_weights, is_causal=is_causal)
-        self._check(query, key, value, key_padding_mask is not None or attn_mask is not None,
-                    is_causal)
+        self._check(query, key, value)
         batched = query.dim() == 3
         x = query
         if batched and mha.batch_first:
@@ -313,6 +344,8 @@ class MultiheadAttentionRule(Rule):
         heads = mha.num_heads
         head_dim = dim // heads
         eps = self.epsilon
+        mask, is_causal = self._merged_mask(attn_mask, key_padding_mask, is_causal, need_weights,
+                                            batched, batch, length, x.dtype)
 
         proj = lf.linear_epsilon(x, mha.in_proj_weight, mha.in_proj_bias, eps)
         proj = proj.unflatten(-1, (3, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
@@ -322,7 +355,11 @@ class MultiheadAttentionRule(Rule):
         if need_weights:
             factor = math.sqrt(1.0 / float(head_dim))
             q = lf.identity(lambda t: t * factor, q)
-            scores = lf.MatmulUniformFunction.apply(q, k.transpose(-2, -1), eps, torch.bmm)
+            if mask is not None:  # the mask is a constant summand: it absorbs its share
+                scores = lf.AddmmEpsilonFunction.apply(mask, q, k.transpose(-2, -1), 1, 1, eps,
+                                                       torch.baddbmm)
+            else:
+                scores = lf.MatmulUniformFunction.apply(q, k.transpose(-2, -1), eps, torch.bmm)
             if self.hold_weights:
                 weights = lf.stop(torch.softmax(scores, -1))
             else:
@@ -331,7 +368,10 @@ class MultiheadAttentionRule(Rule):
             out = out.transpose(0, 1).reshape(length * batch, dim)
         else:
             q, k, v = (t.view(batch, heads, length, head_dim) for t in (q, k, v))
-            out = lf.scaled_dot_product_attention(q, k, v, epsilon=eps,
+            if mask is not None:
+                mask = mask.unsqueeze(0) if mask.size(0) == 1 else \
+                    mask.view(batch, heads, -1, length)
+            out = lf.scaled_dot_product_attention(q, k, v, mask, is_causal, epsilon=eps,
                                                   hold_weights=self.hold_weights)
             out = out.permute(2, 0, 1, 3).reshape(batch * length, dim)
 
