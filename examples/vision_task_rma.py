@@ -1,6 +1,6 @@
 """Relevance mass accuracy on the synthetic vision task (the README's table).
 
-Trains the task's tiny ViT once (8–11 minutes on one CPU thread, cached under
+Trains the task's tiny ViT once (about 4 minutes on one CPU thread, cached under
 ~/.cache/lrp_explicit), explains ``--n`` held-out images with AttnLRP/CP-LRP (ε, or zennit's
 γ rule on Conv2d and Linear) and with plain Gradient×Input, and prints the share of positive
 relevance inside the ground-truth box of the deciding object, next to the random baseline.

@@ -4,7 +4,7 @@ AttnLRP (or CP-LRP) handles attention, LayerNorm, GELU, residuals and the functi
 ``nn.Conv2d`` patch embedding and every ``nn.Linear`` are left to zennit's ``Gamma`` rule, with one
 γ per layer type, in one backward pass. The grid is saved as one PNG.
 
-By default the model is the synthetic vision task's tiny ViT (trained once on CPU, 8–11
+By default the model is the synthetic vision task's tiny ViT (trained once on CPU, about 4
 minutes on one thread, and cached under ~/.cache/lrp_explicit) and the images are held-out
 task images, with the ground-truth box of the deciding object drawn in::
 

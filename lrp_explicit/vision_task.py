@@ -9,7 +9,7 @@ the targets, so that the class is only decided by the target's shape. The target
 ground truth of where the evidence is.
 
 :func:`load_model` returns a tiny torchvision ``VisionTransformer`` trained on the task (800
-seeded steps on CPU, 8–11 minutes on one thread; cached under ``$XDG_CACHE_HOME/lrp_explicit`` or
+seeded steps on CPU, about 4 minutes on one thread; cached under ``$XDG_CACHE_HOME/lrp_explicit`` or
 ``~/.cache/lrp_explicit``); :func:`relevance_mass_accuracy` is the faithfulness measure: the
 share of positive relevance that falls inside the target's box (Arras et al., 2022). A random
 heatmap scores the box's share of the image, :data:`RANDOM_BASELINE` (25 / 1024 ≈ 2.4 %).
