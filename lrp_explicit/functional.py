@@ -310,7 +310,8 @@ class BilinearUniformFunction(torch.autograd.Function):
         return (None, None, *result)
 
 
-def bilinear_uniform(fn: Callable[..., Tensor], *inputs: Tensor, epsilon: float | None = None):
+def bilinear_uniform(fn: Callable[..., Tensor], *inputs: Tensor,
+                     epsilon: float | None = None) -> Tensor:
     """Apply ``fn(*inputs)`` (linear in each input) with the uniform-ε rule.
 
     Used for ``einsum`` with two operands and for modules linear in their input (``Conv2d``

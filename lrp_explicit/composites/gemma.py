@@ -11,7 +11,7 @@ from .. import rules
 from .hf import register_family
 
 
-def module_rules():
+def module_rules() -> dict[type, type]:
     """The family's own module rules."""
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm

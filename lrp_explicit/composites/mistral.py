@@ -6,7 +6,7 @@ from .. import rules
 from .hf import register_family
 
 
-def module_rules():
+def module_rules() -> dict[type, type]:
     """The family's own module rules."""
     from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 

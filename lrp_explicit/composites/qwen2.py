@@ -5,7 +5,7 @@ from .. import rules
 from .hf import register_family
 
 
-def module_rules():
+def module_rules() -> dict[type, type]:
     """The family's own module rules."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 

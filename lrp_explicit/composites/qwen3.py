@@ -5,7 +5,7 @@ from .. import rules
 from .hf import register_family
 
 
-def module_rules():
+def module_rules() -> dict[type, type]:
     """The family's own module rules."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 

@@ -14,7 +14,7 @@ from ..ops import name_transformers_ops
 from .hf import check_experts_implementation, register_family
 
 
-def module_rules():
+def module_rules() -> dict[type, type]:
     """The family's own module rules."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
