@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from lrp_explicit import composites
+from lrp_explicit.explain import cosine, mean_pool
 
 DATA = common.HERE / "data" / "sentence_pairs.json"
 FAMILIES = ["llama", "gpt2", "bert"]
@@ -351,11 +352,6 @@ def load_minilm() -> tuple[Any, torch.nn.Module]:
     return AutoTokenizer.from_pretrained(folder), model
 
 
-def cosine(u: Tensor, v: Tensor) -> Tensor:
-    """Cosine similarity over the last dimension (the norms are held constant by the rules)."""
-    return (u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1))
-
-
 def similarity_relevance(model: torch.nn.Module, comps: dict[str, Any], ids_a: Tensor,
                          ids_b: Tensor) -> dict[str, Tensor]:
     """Per-token relevance of sentence A ``[tokens]`` for ``cos(mean(h_A), mean(h_B))``."""
@@ -367,7 +363,7 @@ def similarity_relevance(model: torch.nn.Module, comps: dict[str, Any], ids_a: T
         ha = model(inputs_embeds=la).last_hidden_state
         hb = model(inputs_embeds=lb).last_hidden_state
         with post():
-            y = cosine(ha.mean(1), hb.mean(1))
+            y = cosine(mean_pool(ha, None), mean_pool(hb, None))
         return la, y
 
     out = {}
@@ -400,7 +396,7 @@ def deletion_curves(model: torch.nn.Module, ids: Tensor, v: Tensor, orders: Tens
     full = ids.clone()
     full[1:n + 1] = mask_id
     batch = torch.cat([ids[None], full[None], variants.flatten(0, 1)])
-    sims = torch.cat([cosine(model(input_ids=part).last_hidden_state.mean(1), v)
+    sims = torch.cat([cosine(mean_pool(model(input_ids=part).last_hidden_state, None), v)
                       for part in batch.split(chunk)])
     middle = sims[2:].view(n_orders, n - 1)
     return torch.cat([sims[0].expand(n_orders, 1), middle, sims[1].expand(n_orders, 1)], 1)
@@ -426,7 +422,7 @@ def evaluate_deletion(n_pairs: int, seed: int) -> dict[str, Any]:
         shuffled = torch.stack([torch.randperm(n, generator=gen) for _ in range(RANDOM_DRAWS)])
         orders = torch.cat([morf, morf.flip(-1), shuffled, shuffled.flip(-1)])
         with torch.no_grad():
-            v = model(input_ids=ids_b[None]).last_hidden_state.mean(1)
+            v = mean_pool(model(input_ids=ids_b[None]).last_hidden_state, None)
         sims = deletion_curves(model, ids_a, v, orders, tokenizer.mask_token_id).numpy()
         base.append(float(sims[0, 0]))
         fractions = np.arange(n + 1) / n

@@ -511,11 +511,13 @@ class AttentionFunction(torch.autograd.Function):
         additive = mask is not None and mask.dtype != torch.bool
 
         # the denominator is the fused kernel's own output (what the relevance was computed
-        # for); a recomputed A·v differs by round-off, which R ⊘ s(z) amplifies near z = 0
-        out = out.nan_to_num(0.0)
+        # for); a recomputed A·v differs by round-off, which R ⊘ s(z) amplifies near z = 0.
+        # Only a mask can leave a row with no key (NaN output).
+        if mask is not None:
+            out = out.nan_to_num(0.0)
         g = _divide(relevance, out, eps).to(q.dtype)
         if need_v and weights_on_path:
-            g = g * 0.5  # uniform-ε on A·v: half to v, half to A (exact: a power of two)
+            g.mul_(0.5)  # uniform-ε on A·v: half to v, half to A (g is a fresh temporary)
         # the softmax rule needs Σ_j R_A[i, j] = Σ_j A_ij (g vᵀ)_ij = Σ_d g_id (A v)_id: a row
         # sum of g ⊙ out, so R_A itself is never formed
         total = (_accurate(g) * _accurate(out)).sum(-1, keepdim=True) if weights_on_path \

@@ -11,9 +11,9 @@ token (``inputs_embeds``) or per pixel (``pixel_values``, over the channels).
 ``inputs`` prepares inputs, ``targets`` the initial relevance, ``result`` holds
 :class:`Explanation`, ``core`` runs the explanation.
 """
-from .core import explain
+from .core import cosine, explain, mean_pool
 from .inputs import TASKS, task_of
 from .result import Explanation
 from .targets import SOFTMAX
 
-__all__ = ["explain", "Explanation", "task_of", "TASKS", "SOFTMAX"]
+__all__ = ["explain", "Explanation", "task_of", "TASKS", "SOFTMAX", "mean_pool", "cosine"]

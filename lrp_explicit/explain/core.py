@@ -18,7 +18,7 @@ from .result import Explanation
 from .targets import (SOFTMAX, _class_id, _class_name, _initial, _resolve, _row, _token_ids,
                       _token_name)
 
-__all__ = ["explain"]
+__all__ = ["explain", "mean_pool", "cosine"]
 
 
 def explain(model: nn.Module, inputs: Any, target: Any = None,
