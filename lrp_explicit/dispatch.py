@@ -22,26 +22,44 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import torch
+from torch import nn
 from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
-from .ops import OP_NAMES, PASS_THROUGH, NoRule, on_path
+from .errors import UnruledOpError, UnruledOpWarning
+from .ops import OP_NAMES, PASS_THROUGH, Handler, NoRule, on_path
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .composites.base import Composite
-
-__all__ = ["UnruledOpError", "UnruledOpWarning", "RuleMode", "op_name"]
-
-
-class UnruledOpError(RuntimeError):
-    """An op on the relevance path has no LRP rule (raised in strict mode)."""
+__all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
+           "unbind", "enter", "leave", "hooks_installed", "warn_unruled",
+           "TRUSTED_FUNCTION_MODULES"]
 
 
-class UnruledOpWarning(UserWarning):
-    """An op on the relevance path has no LRP rule; plain autograd was used for it."""
+class RuleSource(Protocol):
+    """What the dispatch needs from a composite (:class:`lrp_explicit.Composite` implements it).
+
+    Attributes
+    ----------
+    ops : Mapping[str, Handler]
+        The op table: op name (:data:`lrp_explicit.ops.OP_NAMES`) to handler.
+    epsilon : float or None
+        ε-stabiliser handed to the handlers (``None``: the dtype's default).
+    """
+
+    ops: Mapping[str, Handler]
+    epsilon: float | None
+
+    def rule_for(self, name: str, module: nn.Module) -> Callable[[nn.Module], nn.Module] | None:
+        """The module-rule factory for ``module`` at path ``name``, or ``None``."""
+
+    def make_rule(self, factory: Callable[[nn.Module], nn.Module],
+                  module: nn.Module) -> nn.Module:
+        """``module`` wrapped by ``factory``, configured like the source's own rules."""
+
+    def report_unruled(self, op: str, path: str) -> None:
+        """An op on the relevance path without rule: warn once, count, or raise when strict."""
 
 
 def op_name(func: Any) -> str:
@@ -62,9 +80,9 @@ def op_name(func: Any) -> str:
 @dataclass
 class _Frame:
     module: Any
-    composite: "Composite | None"  # None: dispatch suspended
+    composite: "RuleSource | None"  # None: dispatch suspended
     path: str
-    rerun: Any = None  # a rule factory: the module's output is recomputed through that rule
+    rule_factory: Any = None  # the module's output is recomputed through this rule
 
 
 class _State(threading.local):
@@ -75,8 +93,19 @@ class _State(threading.local):
 
 _state = _State()
 _lock = threading.Lock()
-# id(module) -> (module, composite, qualified name, opaque)
-_modules: dict[int, tuple[Any, "Composite", str, bool]] = {}
+
+
+class _Binding(NamedTuple):
+    """A module of a registered model: its composite, qualified name, and whether the dispatch
+    stays out of it (module rules, zennit-hooked modules)."""
+
+    module: nn.Module
+    source: "RuleSource"
+    path: str
+    opaque: bool
+
+
+_modules: dict[int, _Binding] = {}  # id(module) -> its binding
 _hook_handles: list = []
 
 
@@ -91,7 +120,7 @@ def _any_on_path(args: tuple, kwargs: dict) -> bool:
 
 #: Modules whose autograd Functions are never reported as unruled.
 TRUSTED_FUNCTION_MODULES = ("torch", "lrp_explicit", "zennit")
-_VETTED = "_lrp_vetted"  # set on a foreign Function's backward node once seen
+_SEEN_ATTR = "_lrp_seen"  # set on a foreign Function's backward node once seen
 _foreign_names: dict[type, str | None] = {}  # node type -> "<Function>.apply" or None
 
 
@@ -108,13 +137,14 @@ def _foreign_name(tensor: torch.Tensor) -> str | None:
         name = None if cls is None or root in TRUSTED_FUNCTION_MODULES \
             else f"{cls.__qualname__}.apply"
         _foreign_names[kind] = name
-    if name is None or getattr(node, _VETTED, False):
+    if name is None or getattr(node, _SEEN_ATTR, False):
         return None
-    setattr(node, _VETTED, True)
+    setattr(node, _SEEN_ATTR, True)
     return name
 
 
-def _vet(composite: "Composite", values: Any, path: str, trusted: bool = False) -> None:
+def _report_foreign(composite: "RuleSource", values: Any, path: str,
+                    trusted: bool = False) -> None:
     """Report foreign Functions behind the relevance-path tensors in ``values`` (a tensor or a
     flat tuple/list/dict of them); with ``trusted`` only mark them as seen."""
     if isinstance(values, torch.Tensor):
@@ -125,11 +155,11 @@ def _vet(composite: "Composite", values: Any, path: str, trusted: bool = False) 
         return
     for value in values:
         if isinstance(value, (tuple, list)):
-            _vet(composite, value, path, trusted)
+            _report_foreign(composite, value, path, trusted)
         elif isinstance(value, torch.Tensor) and value.requires_grad:
             name = _foreign_name(value)
             if name is not None and not trusted:
-                composite._report_unruled(name, path)
+                composite.report_unruled(name, path)
 
 
 def _output_on_path(out: Any) -> bool:
@@ -150,9 +180,9 @@ class RuleMode(TorchFunctionMode):
         if composite is None or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         path = frames[-1].path
-        _vet(composite, args, path)
+        _report_foreign(composite, args, path)
         if kwargs:
-            _vet(composite, kwargs, path)
+            _report_foreign(composite, kwargs, path)
         if func in PASS_THROUGH:
             return func(*args, **kwargs)
         name = OP_NAMES.get(func)
@@ -164,11 +194,11 @@ class RuleMode(TorchFunctionMode):
                 except NoRule:
                     pass
                 else:
-                    _vet(composite, out, path, trusted=True)  # a rule's own Function
+                    _report_foreign(composite, out, path, trusted=True)  # a rule's own Function
                     return out
         out = func(*args, **kwargs)
         if _output_on_path(out):
-            composite._report_unruled(op_name(func), path)
+            composite.report_unruled(op_name(func), path)
         return out
 
 
@@ -193,10 +223,9 @@ def _pre_hook(module, args):
     entry = _modules.get(id(module))
     frames = _state.frames
     if entry is not None:
-        _, composite, path, opaque = entry
         if torch.is_grad_enabled():
-            _vet(composite, args, path)
-        _push(_Frame(module, None if opaque else composite, path))
+            _report_foreign(entry.source, args, entry.path)
+        _push(_Frame(module, None if entry.opaque else entry.source, entry.path))
         return
     if not frames:
         return
@@ -210,7 +239,7 @@ def _pre_hook(module, args):
     # forward (e.g. ``gelu = get_activation("gelu")`` at module level): part of the computation.
     factory = top.composite.rule_for(name, module) if torch.is_grad_enabled() else None
     if factory is not None:
-        _push(_Frame(module, None, f"{top.path}/{name}", rerun=factory))
+        _push(_Frame(module, None, f"{top.path}/{name}", rule_factory=factory))
     else:
         _push(_Frame(module, top.composite, f"{top.path}/{name}"))
 
@@ -222,15 +251,15 @@ def _post_hook(module, args, output):
         entry = _modules.get(id(module))
         if entry is not None and torch.is_grad_enabled():
             # inside a module rule (opaque) a custom Function is the rule itself
-            _vet(entry[1], output, entry[2], trusted=entry[3])
+            _report_foreign(entry.source, output, entry.path, trusted=entry.opaque)
         _pop()
-        if frame.rerun is not None and output is not None:
+        if frame.rule_factory is not None and output is not None:
             composite = frames[-1].composite if frames else None
-            rule = composite.make_rule(frame.rerun, module) if composite else frame.rerun(module)
+            rule = composite.make_rule(frame.rule_factory, module) if composite else frame.rule_factory(module)
             return rule.forward(*args)
 
 
-def enter(composite: "Composite", path: str) -> None:
+def enter(composite: "RuleSource", path: str) -> None:
     """Activate ``composite``'s op rules on this thread until :func:`leave`."""
     _push(_Frame(None, composite, path))
 
@@ -240,25 +269,25 @@ def leave() -> None:
     _pop()
 
 
-def bind(composite: "Composite", model: torch.nn.Module, opaque: set[int]) -> None:
+def bind(composite: "RuleSource", model: torch.nn.Module, opaque: set[int]) -> None:
     """Start dispatching for every module of ``model``; ``opaque`` holds ids of modules whose
     inside the dispatch must not touch (module-level rules)."""
     with _lock:
         for name, mod in model.named_modules(remove_duplicate=False):
-            if id(mod) in _modules and _modules[id(mod)][1] is not composite:
+            if id(mod) in _modules and _modules[id(mod)].source is not composite:
                 raise RuntimeError(f"module {name or type(mod).__name__!r} already belongs to "
                                    "another registered composite")
-            _modules[id(mod)] = (mod, composite, name or "<root>", id(mod) in opaque)
+            _modules[id(mod)] = _Binding(mod, composite, name or "<root>", id(mod) in opaque)
         if not _hook_handles:
             _hook_handles.append(_module_mod.register_module_forward_pre_hook(_pre_hook))
             _hook_handles.append(
                 _module_mod.register_module_forward_hook(_post_hook, always_call=True))
 
 
-def unbind(composite: "Composite") -> None:
+def unbind(composite: "RuleSource") -> None:
     """Stop dispatching for ``composite``; the global hooks go when no composite is left."""
     with _lock:
-        for key in [k for k, v in _modules.items() if v[1] is composite]:
+        for key in [k for k, v in _modules.items() if v.source is composite]:
             del _modules[key]
         if not _modules:
             for handle in _hook_handles:

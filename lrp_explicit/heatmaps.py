@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .errors import RenderError
+
 __all__ = ["clean_tokens", "normalise", "colour", "html_page", "terminal", "png", "latex", "pdf",
            "RenderError"]
 
@@ -35,10 +37,6 @@ _BYTE_LEVEL_SPACE = "Ġ"
 _BYTE_LEVEL_NEWLINE = "Ċ"
 _SENTENCEPIECE_SPACE = "▁"
 _NEWLINE_MARK = "↵"
-
-
-class RenderError(RuntimeError):
-    """A rendering cannot be produced here (a missing program or library)."""
 
 
 # ============================================================================ tokens and colours

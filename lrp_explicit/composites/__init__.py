@@ -4,169 +4,22 @@
 found by the Hugging Face ``config.model_type`` or by the module classes the model contains;
 a plain PyTorch model takes the ``"generic"`` family. ``register`` adds user-defined composites,
 ``available`` lists what is registered.
+
+Layout: :mod:`~lrp_explicit.composites.base` holds :class:`Composite`,
+:mod:`~lrp_explicit.composites.registry` the registry, :mod:`~lrp_explicit.composites.variants`
+the AttnLRP / CP-LRP pair built from a module-rule table, and one small module per family
+registers its composites when imported (all are imported here).
 """
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
-
-from torch import nn
-
-from .base import Composite, CompositeError, carrier
-
-__all__ = ["Composite", "CompositeError", "get", "register", "unregister", "available",
-           "family_of", "carrier", "UnknownModelError"]
-
-GENERIC = "generic"
-
-
-class UnknownModelError(LookupError):
-    """No registered family matches the model."""
-
-
-@dataclass
-class _Family:
-    model_types: set[str] = field(default_factory=set)
-    model_classes: tuple[type | str, ...] = ()
-    factories: dict[str, Callable[..., Composite]] = field(default_factory=dict)
-
-
-_families: dict[str, _Family] = {}
-_lock = threading.Lock()
-
-
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
-
-
-def register(
-    name: str,
-    factory: Callable[..., Composite],
-    *,
-    family: str = GENERIC,
-    model_types: Iterable[str] = (),
-    model_classes: Iterable[type | str] = (),
-    overwrite: bool = False,
-) -> None:
-    """Register a composite factory under ``name`` for a model family.
-
-    Parameters
-    ----------
-    name : str
-        Composite name, e.g. ``"attnlrp"`` (case and ``_``/``-`` are not significant).
-    factory : callable
-        Called as ``factory(**options)`` (the options given to :func:`get`); returns a new
-        :class:`Composite`.
-    family : str
-        Family name, e.g. ``"llama"``; ``"generic"`` serves plain PyTorch models.
-    model_types : iterable of str
-        Hugging Face ``config.model_type`` values that belong to the family.
-    model_classes : iterable of type or str
-        Module classes whose presence in a model identifies the family; a string is a
-        qualified class name (``"torchvision.models.vision_transformer.VisionTransformer"``),
-        matched through the class hierarchy without importing its module.
-    overwrite : bool
-        Replace an existing entry instead of raising ``ValueError``.
-    """
-    key = _normalise(name)
-    with _lock:
-        fam = _families.setdefault(family, _Family())
-        if key in fam.factories and not overwrite:
-            raise ValueError(f"composite {key!r} is already registered for family {family!r}; "
-                             "pass overwrite=True to replace it")
-        fam.factories[key] = factory
-        fam.model_types.update(model_types)
-        fam.model_classes = fam.model_classes + tuple(
-            c for c in model_classes if c not in fam.model_classes)
-
-
-def unregister(name: str, family: str = GENERIC) -> None:
-    """Remove the composite ``name`` of ``family`` (``KeyError`` if it is not registered)."""
-    with _lock:
-        fam = _families.get(family)
-        if fam is None or _normalise(name) not in fam.factories:
-            raise KeyError(f"no composite {name!r} registered for family {family!r}")
-        del fam.factories[_normalise(name)]
-
-
-def available() -> dict[str, list[str]]:
-    """Registered composite names per family, e.g. ``{"generic": ["attnlrp", "cp-lrp"]}``."""
-    return {fam: sorted(f.factories) for fam, f in sorted(_families.items())}
-
-
-def family_of(model: nn.Module) -> str:
-    """The family of ``model``: by ``config.model_type``, then by module classes; a model
-    without a Hugging Face config is ``"generic"``.
-
-    Raises
-    ------
-    UnknownModelError
-        For a Hugging Face model whose type no family claims.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is not None:
-        for name, fam in _families.items():
-            if model_type in fam.model_types:
-                return name
-    classes = {type(m) for m in model.modules()}
-    for name, fam in _families.items():
-        if fam.model_classes and any(_is_a(c, fam.model_classes) for c in classes):
-            return name
-    if model_type is None:
-        return GENERIC
-    families = ", ".join(sorted(f for f in _families if f != GENERIC)) or "none yet"
-    raise UnknownModelError(
-        f"no composite family is registered for model type {model_type!r} "
-        f"({type(model).__name__}); registered families: {families}. "
-        f"Try the generic composites with get(name, model, family='generic'), or register "
-        "your own with lrp_explicit.composites.register(name, factory, family=..., "
-        f"model_types=[{model_type!r}]).")
-
-
-def _is_a(cls: type, model_classes: tuple[type | str, ...]) -> bool:
-    for base in cls.__mro__:
-        if base in model_classes or f"{base.__module__}.{base.__qualname__}" in model_classes:
-            return True
-    return False
-
-
-def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
-        **options: Any) -> Composite:
-    """Return a new composite ``name`` for ``model``'s family.
-
-    Parameters
-    ----------
-    name : str
-        ``"attnlrp"``, ``"cp-lrp"`` or a user-registered name.
-    model : nn.Module, optional
-        The model to explain; selects the family. Without it the generic family is used.
-    family : str, optional
-        Force a family instead of detecting it.
-    **options
-        Passed to the factory, e.g. ``epsilon=1e-6`` or ``strict=True``.
-
-    Raises
-    ------
-    KeyError
-        If no composite of that name exists for the family.
-    UnknownModelError
-        If ``model`` belongs to no registered family.
-    """
-    if family is None:
-        family = GENERIC if model is None else family_of(model)
-    fam = _families.get(family)
-    if fam is None:
-        raise KeyError(f"no composite family {family!r}; available: {available()}")
-    key = _normalise(name)
-    factory = fam.factories.get(key)
-    if factory is None:
-        raise KeyError(f"no composite {name!r} for family {family!r}; "
-                       f"available for it: {sorted(fam.factories)}")
-    return factory(**options)
-
+from ..errors import CompositeError, UnknownModelError
+from .base import Composite, carrier
+from .registry import GENERIC, available, family_of, get, register, unregister
 
 # importing a family module registers its composites
-from . import generic  # noqa: E402,F401
-from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, vit  # noqa: E402,F401,E501
-from . import torchvision_vit  # noqa: E402,F401
+from . import generic  # noqa: F401  (first: the fallback family)
+from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401
+from . import torchvision_vit, vit  # noqa: F401
+
+__all__ = ["Composite", "CompositeError", "get", "register", "unregister", "available",
+           "family_of", "carrier", "UnknownModelError", "GENERIC"]

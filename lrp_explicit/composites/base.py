@@ -11,15 +11,12 @@ from typing import Any, Callable, Iterator, Mapping
 from torch import nn
 
 from .. import dispatch
+from ..errors import CompositeError, UnruledOpError
 from ..ops import ATTNLRP_OPS, OP_NAMES, Handler
 
-__all__ = ["Composite", "CompositeError"]
+__all__ = ["Composite", "CompositeError", "carrier"]
 
 RuleFactory = Callable[[nn.Module], nn.Module]
-
-
-class CompositeError(RuntimeError):
-    """A composite cannot be registered or removed (already registered, nothing registered)."""
 
 
 _carriers: dict[int, "Composite"] = {}  # id(model) -> the composite registered on it
@@ -281,12 +278,14 @@ class Composite:
 
     # ------------------------------------------------------------------ unruled ops
 
-    def _report_unruled(self, op: str, path: str) -> None:
+    def report_unruled(self, op: str, path: str) -> None:
+        """Count an op on the relevance path without rule; warn the first time for each
+        ``(op, path)``, or raise :class:`~lrp_explicit.UnruledOpError` in strict mode."""
         key = (op, path)
         first = key not in self.unruled
         self.unruled[key] += 1
         if self.strict:
-            raise dispatch.UnruledOpError(
+            raise UnruledOpError(
                 f"no LRP rule for {op} on the relevance path in module '{path}' "
                 f"({self.name}, strict mode)")
         if first:

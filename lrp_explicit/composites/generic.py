@@ -15,9 +15,8 @@ from typing import Any
 from torch import nn
 
 from .. import rules
-from ..ops import CPLRP_OPS
-from . import register
-from .base import Composite
+from .registry import GENERIC
+from .variants import register_variants, variant
 
 __all__ = ["ACTIVATIONS", "module_rules", "attnlrp", "cp_lrp"]
 
@@ -46,15 +45,9 @@ def module_rules(cp_lrp: bool) -> dict[Any, Any]:
     return table
 
 
-def attnlrp(**options: Any) -> Composite:
-    """AttnLRP (Achtibat et al., ICML 2024) for plain PyTorch models."""
-    return Composite(module_rules(False), name="attnlrp", **options)
+#: AttnLRP (Achtibat et al., ICML 2024) for plain PyTorch models.
+attnlrp = variant(GENERIC, False, module_rules)
+#: CP-LRP (Ali et al., 2022) for plain PyTorch models: attention weights and gates held constant.
+cp_lrp = variant(GENERIC, True, module_rules)
 
-
-def cp_lrp(**options: Any) -> Composite:
-    """CP-LRP (Ali et al., 2022): attention weights and gates held constant."""
-    return Composite(module_rules(True), ops=CPLRP_OPS, name="cp-lrp", **options)
-
-
-register("attnlrp", attnlrp)
-register("cp-lrp", cp_lrp)
+register_variants(GENERIC, module_rules)

@@ -15,14 +15,10 @@ from typing import Any, Callable, Iterable, Mapping
 from torch import nn
 
 from .. import rules
-from ..ops import CPLRP_OPS
-from . import register
-from .base import Composite
 from .generic import ACTIVATIONS
+from .variants import ModuleRules, register_variants
 
-__all__ = ["base_rules", "register_family", "check_experts_implementation"]
-
-ModuleRules = Mapping[Any, Callable[[nn.Module], nn.Module]]
+__all__ = ["base_rules", "register_family", "norm_rules", "check_experts_implementation"]
 
 
 def _transformers_activations() -> tuple[type[nn.Module], ...]:
@@ -85,22 +81,22 @@ def register_family(
         Called with the model at registration; raises for configurations the rules cannot
         explain (see :class:`~lrp_explicit.Composite`).
     """
-    model_types = tuple(model_types)
+    def table(cp_lrp: bool) -> dict[Any, Callable[[nn.Module], nn.Module]]:
+        rules_ = base_rules(cp_lrp)
+        if module_rules is not None:
+            rules_.update(module_rules())
+        return rules_
 
-    def factory(cp_lrp: bool) -> Callable[..., Composite]:
-        def build(**options: Any) -> Composite:
-            table = base_rules(cp_lrp)
-            if module_rules is not None:
-                table.update(module_rules())
-            op_table = dict(CPLRP_OPS) if cp_lrp else {}
-            if ops is not None:
-                op_table.update(ops(cp_lrp))
-            op_table.update(options.pop("ops", None) or {})  # the user's entries come last
-            name = f"{'cp-lrp' if cp_lrp else 'attnlrp'} ({family})"
-            return Composite(table, ops=op_table, name=name, validate=validate, **options)
+    register_variants(family, table, model_types=model_types, ops=ops, validate=validate)
 
-        build.__doc__ = f"{'CP-LRP' if cp_lrp else 'AttnLRP'} for {family} models."
-        return build
 
-    register("attnlrp", factory(False), family=family, model_types=model_types)
-    register("cp-lrp", factory(True), family=family, model_types=model_types)
+def norm_rules(module: str, *classes: str) -> Callable[[], ModuleRules]:
+    """Module rules that give the constant-std norm rule to ``classes`` of the transformers
+    modeling ``module`` (imported when a composite is built, not before)."""
+    def rules_() -> ModuleRules:
+        import importlib
+
+        source = importlib.import_module(module)
+        return {getattr(source, c): rules.NormRule for c in classes}
+
+    return rules_

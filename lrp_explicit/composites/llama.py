@@ -2,15 +2,7 @@
 SiLU gate product go through the shared op table."""
 from __future__ import annotations
 
-from .. import rules
-from .hf import register_family
+from .hf import norm_rules, register_family
 
-
-def module_rules() -> dict[type, type]:
-    """The family's own module rules."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    return {LlamaRMSNorm: rules.NormRule}
-
-
-register_family("llama", ['llama'], module_rules)
+register_family("llama", ["llama"],
+                norm_rules("transformers.models.llama.modeling_llama", "LlamaRMSNorm"))

@@ -2,15 +2,7 @@
 sliding-window mask is an ordinary attention mask for the rules."""
 from __future__ import annotations
 
-from .. import rules
-from .hf import register_family
+from .hf import norm_rules, register_family
 
-
-def module_rules() -> dict[type, type]:
-    """The family's own module rules."""
-    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
-
-    return {MistralRMSNorm: rules.NormRule}
-
-
-register_family("mistral", ['mistral'], module_rules)
+register_family("mistral", ["mistral"],
+                norm_rules("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"))

@@ -10,28 +10,12 @@ while the packed in-projection (a parameter, not a module) keeps the ε-rule.
 """
 from __future__ import annotations
 
-from typing import Any
-
-from ..ops import CPLRP_OPS
-from . import register
-from .base import Composite
 from .generic import module_rules
+from .variants import register_variants
 
-__all__ = ["attnlrp", "cp_lrp"]
+__all__ = ["FAMILY", "VISION_TRANSFORMER"]
 
 FAMILY = "torchvision-vit"
 VISION_TRANSFORMER = "torchvision.models.vision_transformer.VisionTransformer"
 
-
-def attnlrp(**options: Any) -> Composite:
-    """AttnLRP for torchvision's ``VisionTransformer``."""
-    return Composite(module_rules(False), name=f"attnlrp ({FAMILY})", **options)
-
-
-def cp_lrp(**options: Any) -> Composite:
-    """CP-LRP for torchvision's ``VisionTransformer`` (attention weights held constant)."""
-    return Composite(module_rules(True), ops=CPLRP_OPS, name=f"cp-lrp ({FAMILY})", **options)
-
-
-register("attnlrp", attnlrp, family=FAMILY, model_classes=[VISION_TRANSFORMER])
-register("cp-lrp", cp_lrp, family=FAMILY, model_classes=[VISION_TRANSFORMER])
+register_variants(FAMILY, module_rules, model_classes=[VISION_TRANSFORMER])

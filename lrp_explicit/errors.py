@@ -1,0 +1,30 @@
+"""Exceptions and warnings of :mod:`lrp_explicit`, in one place.
+
+Every other module raises these; none of them depends on anything else in the package, so any
+layer can import them.
+"""
+from __future__ import annotations
+
+__all__ = ["CompositeError", "UnknownModelError", "UnruledOpError", "UnruledOpWarning",
+           "RenderError"]
+
+
+class CompositeError(RuntimeError):
+    """A composite cannot be registered or removed (already registered, nothing registered)."""
+
+
+class UnknownModelError(LookupError):
+    """No registered composite family matches the model."""
+
+
+class UnruledOpError(RuntimeError):
+    """An op on the relevance path has no LRP rule (raised in strict mode)."""
+
+
+class UnruledOpWarning(UserWarning):
+    """An op on the relevance path has no LRP rule; plain autograd was used for it."""
+
+
+class RenderError(RuntimeError):
+    """A heatmap format cannot be produced here (a missing program, or a format that does not
+    fit the explanation)."""
