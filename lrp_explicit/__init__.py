@@ -1,22 +1,30 @@
 """lrp_explicit: explicit Layer-wise Relevance Propagation for transformers.
 
-Custom autograd Functions (:mod:`lrp_explicit.functional`) whose forward is the plain op and
-whose backward is an LRP rule, module rules (:mod:`lrp_explicit.rules`), an op-level dispatch
-for functional calls (:mod:`lrp_explicit.dispatch`, :mod:`lrp_explicit.ops`) and composites
-with a registry (:mod:`lrp_explicit.composites`); :func:`explain` and its heatmaps
-(:mod:`lrp_explicit.heatmaps`) on top.
+The layers, each importing only those before it:
+
+1. :mod:`~lrp_explicit.errors`, :mod:`~lrp_explicit.tokens` — exceptions, token display;
+2. :mod:`~lrp_explicit.functional` — autograd Functions whose forward is the plain op and whose
+   backward is an LRP rule;
+3. :mod:`~lrp_explicit.ops` — the op table: functional calls to rule handlers;
+4. :mod:`~lrp_explicit.rules` — module rules that wrap a module instance;
+5. :mod:`~lrp_explicit.dispatch` — the ``TorchFunctionMode`` that routes functional calls;
+6. :mod:`~lrp_explicit.composites` — :class:`Composite` and the registry of families;
+7. :mod:`~lrp_explicit.pipeline` — the one attribution pass every entry point runs;
+8. the user layer: :func:`explain`, :func:`audit` / :func:`check`, :mod:`~lrp_explicit.heatmaps`,
+   :mod:`~lrp_explicit.testing`, :mod:`~lrp_explicit.evaluation`;
+9. :mod:`~lrp_explicit.cli`.
 """
-from . import functional, ops, rules
-from .composites import Composite, CompositeError
-from . import composites
-from .dispatch import UnruledOpError, UnruledOpWarning
+from . import composites, functional, ops, pipeline, rules
+from .audit import ABSORBERS, AuditReport, CheckResult, audit, check, zero_bias
+from .composites import Composite
+from .errors import CompositeError, UnruledOpError, UnruledOpWarning
+from .explain import Explanation, explain
+from .pipeline import attribute
+from . import testing
+
+__version__ = "0.2.0"
 
 __all__ = ["Composite", "CompositeError", "UnruledOpError", "UnruledOpWarning", "composites",
-           "functional", "ops", "rules", "__version__"]
-__version__ = "0.1.0"
-from .audit import ABSORBERS, AuditReport, CheckResult, audit, check, zero_bias  # noqa: E402
-from . import testing  # noqa: E402
-from .explain import Explanation, explain  # noqa: E402
-
-__all__ += ["ABSORBERS", "AuditReport", "CheckResult", "audit", "check", "testing", "zero_bias",
-            "Explanation", "explain"]
+           "functional", "ops", "rules", "pipeline", "attribute", "ABSORBERS", "AuditReport",
+           "CheckResult", "audit", "check", "testing", "zero_bias", "Explanation", "explain",
+           "__version__"]

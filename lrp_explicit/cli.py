@@ -15,6 +15,7 @@ Bad input ends with exit code 2 and one line on stderr (``lrp-explicit audit: er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -154,8 +155,8 @@ def _tokens(model: Any, path: Path, args: argparse.Namespace) -> Any:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    import lrp_explicit
-    from lrp_explicit import composites
+    from . import composites
+    from .audit import audit, zero_bias
 
     path = Path(args.model)
     _validate(path, args)
@@ -168,10 +169,9 @@ def _run_audit(args: argparse.Namespace) -> int:
         raise CLIError(f"no composite family for model type {kind!r}; try --family generic")
     except KeyError as err:
         raise CLIError(_line(err))
-    with lrp_explicit.zero_bias(model) if args.zero_bias else _nothing():
+    with zero_bias(model) if args.zero_bias else contextlib.nullcontext():
         try:
-            report = lrp_explicit.audit(model, {"input_ids": ids}, args.target, comp,
-                                        record=args.record)
+            report = audit(model, {"input_ids": ids}, args.target, comp, record=args.record)
         except (IndexError, TypeError, ValueError) as err:
             raise CLIError(_line(err))
     result = report.check(args.rtol) if args.check else None
@@ -194,17 +194,9 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _safe(data: Any) -> Any:
-    from .audit import _jsonable
+    from .audit.report import jsonable
 
-    return _jsonable(data)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    return jsonable(data)
 
 
 def _line(err: BaseException) -> str:
@@ -313,7 +305,7 @@ def _validate_explain(args: argparse.Namespace) -> None:
     from . import composites
 
     names = sorted({n for group in composites.available().values() for n in group})
-    if composites._normalise(args.composite) not in names:
+    if composites.normalise_name(args.composite) not in names:
         raise CLIError(f"no composite {args.composite!r}; available: {', '.join(names)}")
 
 
@@ -340,9 +332,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     if args.model is None:
         model.config._name_or_path = DEFAULT_NAME
 
-    import lrp_explicit
-    from .explain import task_of
-    from .heatmaps import RenderError
+    from .explain import explain, task_of
+    from .errors import RenderError
 
     task = task_of(model)
     transformers = _quiet_transformers()
@@ -365,7 +356,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         inputs = args.text or DEFAULT_TEXTS[0]
         inputs = (inputs, args.text2) if args.text2 is not None else inputs
     try:
-        explanation = lrp_explicit.explain(
+        explanation = explain(
             model, inputs, _spec(args.target), args.composite, _spec(args.contrast), processor,
             position=args.position)
     except (IndexError, TypeError, ValueError) as err:
@@ -420,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a usage error already reported in one line
         return done.code if isinstance(done.code, int) else 2
     _, _, run = COMMANDS[args.command]
-    from .dispatch import UnruledOpError
+    from .errors import UnruledOpError
 
     try:
         return run(args)

@@ -5,12 +5,24 @@ layer can import them.
 """
 from __future__ import annotations
 
-__all__ = ["CompositeError", "UnknownModelError", "UnruledOpError", "UnruledOpWarning",
+__all__ = ["CompositeError", "UnknownCompositeError", "UnknownModelError", "UnruledOpError", "UnruledOpWarning",
            "RenderError"]
 
 
 class CompositeError(RuntimeError):
     """A composite cannot be registered or removed (already registered, nothing registered)."""
+
+
+class UnknownCompositeError(KeyError, ValueError):
+    """No composite of that name is registered (for the model's family).
+
+    A ``KeyError`` (a failed registry look-up) and a ``ValueError`` (a bad argument of
+    :func:`lrp_explicit.explain` or :func:`lrp_explicit.audit`); the message lists the names
+    that are available.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class UnknownModelError(LookupError):

@@ -9,6 +9,7 @@ functions here know nothing about models: :class:`lrp_explicit.Explanation` call
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -17,14 +18,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from .errors import RenderError
+from .tokens import NEWLINE_MARK as _NEWLINE_MARK, clean_tokens
 
-__all__ = ["clean_tokens", "normalise", "colour", "html_page", "terminal", "png", "latex", "pdf",
+__all__ = ["clean_tokens", "normalise", "colour", "colours", "colour_map", "ink", "html_page", "terminal", "png", "latex", "pdf",
            "RenderError"]
 
 RGB = tuple[int, int, int]
@@ -33,52 +35,9 @@ RGB = tuple[int, int, int]
 POSITIVE: RGB = (178, 24, 43)
 NEGATIVE: RGB = (33, 102, 172)
 WHITE: RGB = (255, 255, 255)
-_BYTE_LEVEL_SPACE = "Ġ"
-_BYTE_LEVEL_NEWLINE = "Ċ"
-_SENTENCEPIECE_SPACE = "▁"
-_NEWLINE_MARK = "↵"
 
 
 # ============================================================================ tokens and colours
-
-
-def clean_tokens(tokens: Sequence[str]) -> list[str]:
-    """Tokens as they read: tokenizer markers removed, a leading space where a word starts.
-
-    Byte-level BPE (GPT-2, LLaMA 3: ``Ġ`` is a space, ``Ċ`` a newline), SentencePiece (``▁`` is
-    a space, ``<0x0A>`` a newline) are recognised from the markers present; other tokens are
-    read as WordPiece (BERT: a token starts a word unless it begins with ``##``) or plain words.
-    Newlines are shown as ``↵``.
-
-    Parameters
-    ----------
-    tokens : sequence of str
-        Tokens as ``tokenizer.convert_ids_to_tokens`` returns them.
-
-    Returns
-    -------
-    list of str
-        One display string per token, in the same order.
-    """
-    tokens = [str(t) for t in tokens]
-    joined = "".join(tokens)
-    byte_level = _BYTE_LEVEL_SPACE in joined or _BYTE_LEVEL_NEWLINE in joined
-    sentencepiece = not byte_level and _SENTENCEPIECE_SPACE in joined
-    wordpiece = not byte_level and not sentencepiece  # or plain words: one space between
-    out = []
-    for i, token in enumerate(tokens):
-        if byte_level:
-            text = token.replace(_BYTE_LEVEL_SPACE, " ").replace(_BYTE_LEVEL_NEWLINE, "\n")
-        elif sentencepiece:
-            text = token.replace(_SENTENCEPIECE_SPACE, " ").replace("<0x0A>", "\n")
-        elif wordpiece and token.startswith("##") and len(token) > 2:
-            text = token[2:]
-        elif wordpiece and i > 0:
-            text = " " + token
-        else:
-            text = token
-        out.append(text.replace("\n", _NEWLINE_MARK) or token)
-    return out
 
 
 def normalise(relevance: Tensor) -> Tensor:
@@ -89,12 +48,29 @@ def normalise(relevance: Tensor) -> Tensor:
     return r / scale if scale > 0 else torch.zeros_like(r)
 
 
+@functools.lru_cache(maxsize=1)
+def colour_map() -> Any:
+    """The diverging colour map of relevance (a matplotlib ``LinearSegmentedColormap``):
+    :data:`NEGATIVE` at −1, white at 0, :data:`POSITIVE` at +1; call it on ``(v + 1) / 2``."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    stops = [tuple(c / 255 for c in rgb) for rgb in (NEGATIVE, WHITE, POSITIVE)]
+    # 2¹⁶ + 1 entries: dyadic values (0, ±1/2, ±1/4 …) fall exactly on an entry
+    return LinearSegmentedColormap.from_list("lrp_relevance", stops, N=(1 << 16) + 1)
+
+
+def colours(values: Tensor) -> Tensor:
+    """:func:`colour` of every normalised value, as a ``uint8`` tensor of shape
+    ``values.shape + (3,)`` (one vectorised look-up in the colour map)."""
+    v = values.detach().to("cpu", torch.float64).clamp(-1.0, 1.0)
+    rgba = colour_map()(((v.reshape(-1) + 1.0) / 2.0).numpy())
+    rgb = (torch.from_numpy(rgba[:, :3]) * 255.0).round().to(torch.uint8)
+    return rgb.reshape(*v.shape, 3)
+
+
 def colour(value: float) -> RGB:
     """The colour of a normalised value in [−1, 1]: white at 0, red above, blue below."""
-    v = max(-1.0, min(1.0, float(value)))
-    end = POSITIVE if v >= 0 else NEGATIVE
-    a = abs(v)
-    return tuple(round(w + a * (e - w)) for w, e in zip(WHITE, end))  # type: ignore[return-value]
+    return tuple(int(c) for c in colours(torch.tensor(float(value))))  # type: ignore[return-value]
 
 
 def ink(value: float) -> RGB:
@@ -230,10 +206,7 @@ def _html_image(relevance: Tensor, norm: Tensor, image: Tensor | None) -> str:
 def _heat_pixels(norm: Tensor) -> "object":
     from PIL import Image
 
-    rows = [[colour(v) for v in row] for row in norm.tolist()]
-    img = Image.new("RGB", (len(rows[0]), len(rows)))
-    img.putdata([p for row in rows for p in row])
-    return img
+    return Image.fromarray(colours(norm).numpy(), "RGB")
 
 
 def _image_pixels(image: Tensor) -> "object":
@@ -302,10 +275,11 @@ def _terminal_image(norm: Tensor, color: bool, width: int) -> list[str]:
     small = small / small.abs().max() if small.abs().max() > 0 else small
     out = []
     if color:  # two pixel rows per line: upper half block, foreground above, background below
+        rgb = colours(small).tolist()
         for y in range(0, rows - 1, 2):
             cells = []
             for x in range(cols):
-                (r1, g1, b1), (r2, g2, b2) = colour(small[y, x]), colour(small[y + 1, x])
+                (r1, g1, b1), (r2, g2, b2) = rgb[y][x], rgb[y + 1][x]
                 cells.append(f"\x1b[38;2;{r1};{g1};{b1}m\x1b[48;2;{r2};{g2};{b2}m▀")
             out.append("".join(cells) + "\x1b[0m")
         return out

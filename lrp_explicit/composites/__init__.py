@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import CompositeError, UnknownModelError
 from .base import Composite, carrier
-from .registry import GENERIC, available, family_of, get, register, unregister
+from .registry import GENERIC, available, family_of, get, normalise_name, register, unregister
 
 # importing a family module registers its composites
 from . import generic  # noqa: F401  (first: the fallback family)
@@ -22,4 +22,4 @@ from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qw
 from . import torchvision_vit, vit  # noqa: F401
 
 __all__ = ["Composite", "CompositeError", "get", "register", "unregister", "available",
-           "family_of", "carrier", "UnknownModelError", "GENERIC"]
+           "family_of", "carrier", "UnknownModelError", "GENERIC", "normalise_name"]

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import UnknownModelError
 from .base import Composite
 
-__all__ = ["GENERIC", "register", "unregister", "available", "family_of", "get"]
+__all__ = ["GENERIC", "normalise_name", "register", "unregister", "available", "family_of", "get"]
 
 GENERIC = "generic"
 
@@ -31,7 +31,8 @@ _families: dict[str, _Family] = {}
 _lock = threading.Lock()
 
 
-def _normalise(name: str) -> str:
+def normalise_name(name: str) -> str:
+    """A composite name as the registry keys it: lower case, ``_`` read as ``-``."""
     return name.strip().lower().replace("_", "-")
 
 
@@ -64,7 +65,7 @@ def register(
     overwrite : bool
         Replace an existing entry instead of raising ``ValueError``.
     """
-    key = _normalise(name)
+    key = normalise_name(name)
     with _lock:
         fam = _families.setdefault(family, _Family())
         if key in fam.factories and not overwrite:
@@ -80,9 +81,9 @@ def unregister(name: str, family: str = GENERIC) -> None:
     """Remove the composite ``name`` of ``family`` (``KeyError`` if it is not registered)."""
     with _lock:
         fam = _families.get(family)
-        if fam is None or _normalise(name) not in fam.factories:
+        if fam is None or normalise_name(name) not in fam.factories:
             raise KeyError(f"no composite {name!r} registered for family {family!r}")
-        del fam.factories[_normalise(name)]
+        del fam.factories[normalise_name(name)]
 
 
 def available() -> dict[str, list[str]]:
@@ -153,7 +154,7 @@ def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
     fam = _families.get(family)
     if fam is None:
         raise KeyError(f"no composite family {family!r}; available: {available()}")
-    key = _normalise(name)
+    key = normalise_name(name)
     factory = fam.factories.get(key)
     if factory is None:
         raise KeyError(f"no composite {name!r} for family {family!r}; "

@@ -8,12 +8,11 @@ of two texts after pooling. The relevance is initialised with the explained logi
 convention: after ``y.backward(y)`` the gradient of an input *is* its relevance) and summed per
 token (``inputs_embeds``) or per pixel (``pixel_values``, over the channels).
 
-``inputs`` prepares inputs, ``targets`` the initial relevance, ``result`` holds
-:class:`Explanation`, ``core`` runs the explanation.
+``core`` runs the explanation through :func:`lrp_explicit.pipeline.attribute`; ``result``
+holds :class:`Explanation`. Inputs and targets are prepared by :mod:`lrp_explicit.pipeline`.
 """
+from ..pipeline import SOFTMAX, TASKS, task_of
 from .core import cosine, explain, mean_pool
-from .inputs import TASKS, task_of
 from .result import Explanation
-from .targets import SOFTMAX
 
 __all__ = ["explain", "Explanation", "task_of", "TASKS", "SOFTMAX", "mean_pool", "cosine"]

@@ -2,30 +2,33 @@
 :class:`~lrp_explicit.explain.result.Explanation`."""
 from __future__ import annotations
 
-import fnmatch
-import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .. import composites
-from ..audit import _main_output as _logits
 from ..composites import Composite
-from .inputs import _batch, _forward, _Item, _leaf, _per_item, _prepare, _progress
-from .inputs import task_of
+from ..pipeline import (SOFTMAX, Prepared, Target, attribute, check_finite, collate, embed,
+                        main_output, make_leaf, per_sample, prepare, resolve_composite,
+                        split_batch, task_of)
+from ..pipeline import progress as show_progress
+from ..pipeline.targets import (class_id, class_name, explained_row, logit_relevance,
+                                resolve_ids, token_ids, token_name)
+from ..tokens import clean_tokens
 from .result import Explanation
-from .targets import (SOFTMAX, _class_id, _class_name, _initial, _resolve, _row, _token_ids,
-                      _token_name)
 
-__all__ = ["explain", "mean_pool", "cosine"]
+__all__ = ["explain", "mean_pool", "cosine", "BATCH_SIZE"]
+
+#: Default number of samples explained in one forward and one backward pass.
+BATCH_SIZE = 8
 
 
 def explain(model: nn.Module, inputs: Any, target: Any = None,
             composite: str | Composite = "attnlrp", contrast: Any = None,
             tokenizer: Any = None, *, position: int | None = None,
-            record: Sequence[str] = (), progress: bool | None = None
-            ) -> Explanation | list[Explanation]:
+            record: Sequence[str] = (), progress: bool | None = None,
+            batch_size: int = BATCH_SIZE) -> Explanation | list[Explanation]:
     """Explain a prediction of ``model`` with LRP and return the relevance of each input token
     (or pixel).
 
@@ -46,7 +49,9 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         embeddings or pixel values (float tensor); a dict of model keyword arguments; an image
         (with its image processor as ``tokenizer``). A list of such inputs (or a tensor or
         dict with a batch dimension larger than 1) is a batch: one :class:`Explanation` per
-        sample, with a progress bar.
+        sample, with a progress bar; the samples are explained ``batch_size`` at a time in one
+        forward and one backward pass (padded on the right where their lengths differ), and
+        each gets exactly the relevance it gets alone.
     target : int, str or list of int, optional
         The token or class to explain; default: the model's prediction. For a causal LM a
         text of several tokens or a list of ids is a continuation: it is appended to the input
@@ -70,6 +75,9 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         :attr:`Explanation.latent`.
     progress : bool, optional
         Show a progress bar for batches (default: when there are at least two samples).
+    batch_size : int
+        Samples per forward and backward pass (no rule mixes the samples of a batch, so the
+        sum of their explained scores is explained at once).
 
     Returns
     -------
@@ -84,29 +92,29 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"explain() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     task = task_of(model)
-    if isinstance(composite, str):
-        _composite(composite, model)  # an unknown name fails before any work
-    samples = _batch(inputs, task)
+    comp = resolve_composite(composite, model)  # looked up once; an unknown name fails first
+    samples = split_batch(inputs, task)
     if samples is None:
-        return _explain_one(model, inputs, target, contrast, composite, tokenizer, task,
-                            position, record)
-    targets, contrasts = _per_item(target, len(samples)), _per_item(contrast, len(samples))
+        return _explain_chunk(model, [inputs], [target], [contrast], comp, tokenizer, task,
+                              position, record)[0]
+    targets, contrasts = per_sample(target, len(samples)), per_sample(contrast, len(samples))
     show = progress if progress is not None else True
-    return [_explain_one(model, s, t, c, composite, tokenizer, task, position, record)
-            for s, t, c in zip(_progress(samples, show), targets, contrasts)]
-
-
-def _composite(spec: str | Composite, model: nn.Module) -> Composite:
-    if isinstance(spec, Composite):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"composite must be a name or a Composite, not {type(spec).__name__}")
-    try:
-        return composites.get(spec, model)
-    except KeyError as err:
-        names = sorted({n for names in composites.available().values() for n in names})
-        raise ValueError(f"no composite {spec!r}; available: {', '.join(names)}") from err
+    chunks = [range(i, min(i + batch_size, len(samples)))
+              for i in range(0, len(samples), batch_size)]
+    bar = show_progress(range(len(samples)), show, total=len(samples))
+    out: list[Explanation] = []
+    for chunk in chunks:
+        out += _explain_chunk(model, [samples[i] for i in chunk], [targets[i] for i in chunk],
+                              [contrasts[i] for i in chunk], comp, tokenizer, task, position,
+                              record)
+        if hasattr(bar, "update"):
+            bar.update(len(chunk))
+    if hasattr(bar, "close"):
+        bar.close()
+    return out
 
 
 def _model_name(model: nn.Module) -> str:
@@ -115,9 +123,7 @@ def _model_name(model: nn.Module) -> str:
     return path.rstrip("/").split("/")[-1] or type(model).__name__
 
 
-def _vocabulary(model: nn.Module, logits: Tensor | None = None) -> int:
-    if logits is not None:
-        return logits.shape[-1]
+def _vocabulary(model: nn.Module) -> int:
     head = getattr(model, "get_output_embeddings", lambda: None)()
     weight = getattr(head, "weight", None)
     if isinstance(weight, Tensor):
@@ -125,123 +131,152 @@ def _vocabulary(model: nn.Module, logits: Tensor | None = None) -> int:
     return int(model.config.vocab_size)
 
 
-class _Recorder:
-    """Keeps the relevance (gradient) at the outputs of the modules matching ``patterns``."""
+@dataclass
+class _Sample:
+    """One sample of a chunk: its prepared input and what is explained for it."""
 
-    def __init__(self, model: nn.Module, patterns: Sequence[str]) -> None:
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        self.latent: dict[str, Tensor] = {}
-        self.handles = [module.register_forward_hook(self._hook(name))
-                        for name, module in model.named_modules()
-                        if name and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-        if patterns and not self.handles:
-            self.remove()
-            raise ValueError(f"record={patterns!r} matches no module of {type(model).__name__}")
-
-    def _hook(self, name: str):
-        calls = [0]
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            out = output if isinstance(output, Tensor) else (
-                output[0] if isinstance(output, (tuple, list)) and output else
-                getattr(output, "last_hidden_state", None))
-            if not isinstance(out, Tensor) or not out.requires_grad:
-                return
-            key = name if calls[0] == 0 else f"{name}#{calls[0]}"
-            calls[0] += 1
-
-            def keep(grad: Tensor) -> None:
-                g = grad.detach().cpu()
-                self.latent[key] = g[0] if g.dim() > 1 and g.shape[0] == 1 else g
-
-            out.register_hook(keep)
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+    item: Prepared
+    target: Any
+    contrast: Any
+    continuation: list[int] | None = None
 
 
-def _explain_one(model: nn.Module, inp: Any, target: Any, contrast: Any,
-                 composite: str | Composite, tokenizer: Any, task: str | None,
-                 position: int | None, record: Sequence[str]) -> Explanation:
-    comp = _composite(composite, model)
-    if task == "similarity":
-        return _explain_similarity(model, inp, target, contrast, comp, tokenizer, record)
-    item = _prepare(model, inp, tokenizer, task)
-    continuation = None
+def _sample(model: nn.Module, inp: Any, target: Any, contrast: Any, tokenizer: Any,
+            task: str | None) -> _Sample:
+    item = prepare(model, inp, tokenizer, task)
     if task == "causal-lm" and target is not None and not isinstance(target, int):
-        ids = _resolve(target, task, _vocabulary(model), tokenizer, None, 0)
+        ids = resolve_ids(target, task, _vocabulary(model), tokenizer, None, 0)
         if isinstance(ids, list):
             if contrast is not None:
                 raise ValueError("a continuation cannot be contrasted; give one target token")
-            continuation = ids
-            item = _extend(model, item, ids, tokenizer)
+            return _Sample(_extend(model, item, ids, tokenizer), target, contrast, ids)
+    return _Sample(item, target, contrast)
+
+
+def _explain_chunk(model: nn.Module, inputs: list[Any], targets: list[Any],
+                   contrasts: list[Any], comp: Composite, tokenizer: Any, task: str | None,
+                   position: int | None, record: Sequence[str]) -> list[Explanation]:
+    """Explain the samples of one chunk in one forward and one backward pass (one pass per
+    sample where they cannot share one)."""
+    if task == "similarity":
+        return _explain_similarities(model, inputs, targets, contrasts, comp, tokenizer,
+                                     record)
+    samples = [_sample(model, inp, t, c, tokenizer, task)
+               for inp, t, c in zip(inputs, targets, contrasts)]
+    batch = collate(model, [s.item for s in samples])
+    if batch is None:
+        return [e for s in samples
+                for e in _explain_samples(model, [s], s.item, comp, tokenizer, task, position,
+                                          record)]
+    return _explain_samples(model, samples, batch, comp, tokenizer, task, position, record)
+
+
+def _explain_samples(model: nn.Module, samples: list[_Sample], batch: Prepared,
+                     comp: Composite, tokenizer: Any, task: str | None, position: int | None,
+                     record: Sequence[str]) -> list[Explanation]:
     config = getattr(model, "config", None)
-    with comp.context(model):
-        recorder = _Recorder(model, record)
-        try:
-            logits = _logits(_forward(model, item, task))
-            if not logits.requires_grad:
-                raise ValueError(f"the output of {type(model).__name__} does not depend on the "
-                                 "explained input")
-            if continuation is not None:
-                start = logits.shape[1] - len(continuation) - 1
-                rows = [(0, start + k, t) for k, t in enumerate(continuation)]
-                init = torch.zeros_like(logits)
-                for r in rows:
-                    init[r] = logits[r].detach()
-                score = float(sum(float(logits[r].detach()) for r in rows))
-                explained: Any = continuation
-                words = "".join(_words(tokenizer, continuation))
-                label, prediction = f"continuation {words!r} ({len(continuation)} tokens)", None
-            else:
-                row = _row(logits, task, item, tokenizer, position)
-                z = logits[row].detach()
-                prediction = int(z.argmax())
-                explained = _resolve(target, task or "classification", z.shape[-1], tokenizer,
-                                     config, prediction)
-                name = _namer(task, tokenizer, config)
-                init, suffix = _initial(logits, row, explained, contrast, name,
-                                        lambda c: _contrast_id(c, task, z.shape[-1], tokenizer,
-                                                               config))
-                score = float(init[row].double().sum())  # Σ weights ⊙ logits
-                label = _label(task, name(explained), row, logits) + suffix
-            _finite(score, "score")
-            logits.backward(init)
-        finally:
-            recorder.remove()
-    grad = item.leaf.grad
+    lengths = batch.lengths
+    resolve = _logit_targets(samples, lengths, task, tokenizer, config, position)
+    result = attribute(model, batch, resolve, comp, record=record)
+    grad = result.relevance[next(iter(batch.leaves))]
     if grad is None:
         raise ValueError("no relevance reached the input: is the explained output computed "
                          "from it?")
-    relevance = _per_position(grad)
-    _finite(relevance, "relevance")
-    tokens = item.tokens if item.key != "pixel_values" and relevance.dim() == 1 else None
-    if tokens is None and relevance.dim() == 1:
-        tokens = [str(i) for i in range(relevance.shape[0])]
-    segments = names = None
-    if continuation is not None:
-        prompt = len(tokens) - len(continuation)
-        segments, names = [0] * prompt + [1] * len(continuation), ["prompt", "continuation"]
-    return Explanation(tokens=tokens, relevance=relevance, score=score, target=explained,
-                       label=label, task=task or "classification",
-                       contrast=_contrast_value(contrast, task, tokenizer, config, logits),
-                       prediction=prediction, segments=segments, segment_names=names,
-                       image=item.image, latent=recorder.latent, composite=comp.name,
-                       model=_model_name(model))
+    logits = main_output(result.output)
+    width = grad.shape[1] if grad.dim() > 1 else None
+    out = []
+    for b, (s, info) in enumerate(zip(samples, result.target.info["samples"])):
+        n = lengths[b] if lengths is not None else None
+        relevance = _per_position(grad[b:b + 1, :n] if n is not None else grad[b:b + 1])
+        check_finite(relevance, "relevance")
+        tokens = s.item.tokens[0] if s.item.tokens is not None \
+            and s.item.key != "pixel_values" and relevance.dim() == 1 else None
+        if tokens is None and relevance.dim() == 1:
+            tokens = [str(i) for i in range(relevance.shape[0])]
+        segments = names = None
+        if s.continuation is not None:
+            prompt = len(tokens) - len(s.continuation)
+            segments = [0] * prompt + [1] * len(s.continuation)
+            names = ["prompt", "continuation"]
+        out.append(Explanation(
+            tokens=tokens, relevance=relevance, score=info["score"], target=info["target"],
+            label=info["label"], task=task or "classification",
+            contrast=_contrast_value(s.contrast, task, tokenizer, config, logits),
+            prediction=info["prediction"], segments=segments, segment_names=names,
+            image=s.item.image, latent=_latent(result.latent, b, len(samples), n, width),
+            composite=comp.name, model=_model_name(model)))
+    return out
 
 
-def _finite(value: float | Tensor, what: str) -> None:
-    if isinstance(value, Tensor):
-        bad = int((~torch.isfinite(value)).sum())
-        if bad:
-            raise ValueError(f"the {what} has {bad} NaN or infinite values of {value.numel()} "
-                             "(check the model's dtype and the composite's epsilon)")
-    elif not math.isfinite(value):
-        raise ValueError(f"the explained {what} is {value}")
+def _latent(latent: dict[str, Tensor], b: int, size: int, length: int | None,
+            width: int | None = None) -> dict[str, Tensor]:
+    """Recorded relevance of sample ``b`` of a batch of ``size``, on the CPU, without the
+    batch dimension (and without the padding after its ``length`` of ``width`` tokens)."""
+    out = {}
+    for key, grad in latent.items():
+        g = grad.cpu()
+        if size == 1:
+            out[key] = g[0] if g.dim() > 1 and g.shape[0] == 1 else g
+            continue
+        g = g[b] if g.dim() >= 1 and g.shape[0] == size else g
+        if length is not None and g.dim() >= 1 and g.shape[0] == width and length < width:
+            g = g[:length]
+        out[key] = g
+    return out
+
+
+def _logit_targets(samples: list[_Sample], lengths: list[int] | None, task: str | None,
+                   tokenizer: Any, config: Any, position: int | None
+                   ) -> Callable[[Any], Target]:
+    """The sum over the samples of each one's explained logit (with its contrast) or
+    continuation, each read within the sample's own (unpadded) positions."""
+    def resolve(output: Any) -> Target:
+        logits = main_output(output)
+        init = torch.zeros_like(logits)
+        infos = []
+        for b, s in enumerate(samples):
+            n = lengths[b] if lengths is not None and logits.dim() == 3 else None
+            view = logits[b:b + 1, :n] if n is not None else logits[b:b + 1]
+            into = init[b:b + 1, :n] if n is not None else init[b:b + 1]
+            if s.continuation is not None:
+                info = _continuation(view, into, s.continuation, tokenizer)
+            else:
+                info = _logit(view, into, s, task, tokenizer, config, position)
+            check_finite(info["score"], "score")
+            infos.append(info)
+        return Target(logits, init, {"samples": infos})
+
+    return resolve
+
+
+def _continuation(logits: Tensor, into: Tensor, continuation: list[int],
+                  tokenizer: Any) -> dict[str, Any]:
+    """The summed logits of a continuation, each at the position before its token."""
+    start = logits.shape[1] - len(continuation) - 1
+    rows = [(0, start + k, t) for k, t in enumerate(continuation)]
+    for r in rows:
+        into[r] = logits[r].detach()
+    score = float(sum(float(logits[r].detach()) for r in rows))
+    words = "".join(_words(tokenizer, continuation))
+    return {"score": score, "target": continuation, "prediction": None,
+            "label": f"continuation {words!r} ({len(continuation)} tokens)"}
+
+
+def _logit(logits: Tensor, into: Tensor, s: _Sample, task: str | None, tokenizer: Any,
+           config: Any, position: int | None) -> dict[str, Any]:
+    """One logit (the prediction, or the sample's target), with an optional contrast."""
+    row = explained_row(logits, task, s.item, tokenizer, position)
+    z = logits[row].detach()
+    prediction = int(z.argmax())
+    explained = resolve_ids(s.target, task or "classification", z.shape[-1], tokenizer,
+                            config, prediction)
+    name = _namer(task, tokenizer, config)
+    _, suffix = logit_relevance(
+        logits, row, explained, s.contrast, name,
+        lambda c: _contrast_id(c, task, z.shape[-1], tokenizer, config), out=into)
+    score = float(into[row].double().sum())  # Σ weights ⊙ logits
+    return {"score": score, "target": explained, "prediction": prediction,
+            "label": _label(task, name(explained), row) + suffix}
 
 
 def _per_position(grad: Tensor) -> Tensor:
@@ -252,36 +287,34 @@ def _per_position(grad: Tensor) -> Tensor:
 
 
 def _words(tokenizer: Any, ids: list[int]) -> list[str]:
-    from ..heatmaps import clean_tokens
-
     if tokenizer is None:
         return [f" {i}" for i in ids]
     return clean_tokens(tokenizer.convert_ids_to_tokens(list(ids)))
 
 
-def _namer(task: str | None, tokenizer: Any, config: Any):
+def _namer(task: str | None, tokenizer: Any, config: Any) -> Callable[[int], str]:
     if task in ("causal-lm", "masked-lm"):
-        return lambda i: _token_name(tokenizer, i)
-    return lambda i: _class_name(config, i)
+        return lambda i: token_name(tokenizer, i)
+    return lambda i: class_name(config, i)
 
 
-def _label(task: str | None, name: str, row: tuple[int, ...], logits: Tensor) -> str:
+def _label(task: str | None, name: str, row: tuple[int, ...]) -> str:
     if task == "causal-lm":
         return f"next token {name}"
     if task == "masked-lm":
         return f"mask token → {name}"
-    if len(row) == 2 and task != "causal-lm":
+    if len(row) == 2:
         return f"{name} at token {row[1]}"
     return name
 
 
 def _contrast_id(spec: Any, task: str | None, size: int, tokenizer: Any, config: Any) -> int:
     if task in ("causal-lm", "masked-lm"):
-        ids = _token_ids(spec, tokenizer, size, "contrast")
+        ids = token_ids(spec, tokenizer, size, "contrast")
         if len(ids) != 1:
             raise ValueError(f"contrast {spec!r} is {len(ids)} tokens; give one token")
         return ids[0]
-    return _class_id(spec, config, size, "contrast class")
+    return class_id(spec, config, size, "contrast class")
 
 
 def _contrast_value(contrast: Any, task: str | None, tokenizer: Any, config: Any,
@@ -293,23 +326,22 @@ def _contrast_value(contrast: Any, task: str | None, tokenizer: Any, config: Any
     return _contrast_id(contrast, task, logits.shape[-1], tokenizer, config)
 
 
-def _extend(model: nn.Module, item: _Item, ids: list[int], tokenizer: Any) -> _Item:
+def _extend(model: nn.Module, item: Prepared, ids: list[int], tokenizer: Any) -> Prepared:
     """The item with a continuation's tokens appended (teacher forcing)."""
     if item.ids is None:
         raise ValueError("a continuation needs the input as text or token ids")
     extra = torch.tensor([ids])
-    embedding = model.get_input_embeddings()
-    with torch.no_grad():
-        x = embedding(extra.to(item.leaf.device))
-    leaf = _leaf(torch.cat([item.leaf.detach(), x], dim=1), item.leaf.device)
+    x = embed(model, extra)
+    leaf = make_leaf(torch.cat([item.leaf.detach(), x.to(item.leaf.device)], dim=1))
     kwargs = dict(item.kwargs)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, Tensor):
         kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(1, len(ids))], dim=1)
-    tokens = list(item.tokens or []) + (
+    tokens = list((item.tokens or [[]])[0]) + (
         list(tokenizer.convert_ids_to_tokens(ids)) if tokenizer is not None
         else [str(i) for i in ids])
-    return _Item(leaf, item.key, kwargs, torch.cat([item.ids, extra[0]]), tokens)
+    return Prepared({"inputs_embeds": leaf}, kwargs, torch.cat([item.ids, extra], dim=1),
+                    [tokens])
 
 
 # ============================================================================ similarity
@@ -331,36 +363,54 @@ def cosine(u: Tensor, v: Tensor) -> Tensor:
 
 def _hidden(output: Any) -> Tensor:
     hidden = getattr(output, "last_hidden_state", None)
-    return hidden if isinstance(hidden, Tensor) else _logits(output)
+    return hidden if isinstance(hidden, Tensor) else main_output(output)
 
 
-def _explain_similarity(model: nn.Module, pair: Any, target: Any, contrast: Any,
-                        comp: Composite, tokenizer: Any, record: Sequence[str]) -> Explanation:
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError("a sentence encoder explains the similarity of two texts: pass a "
-                         f"pair (text_a, text_b), got {type(pair).__name__}"
-                         + (f" of {len(pair)}" if isinstance(pair, (tuple, list)) else ""))
-    if target is not None or contrast is not None:
-        raise ValueError(f"a similarity has no target or contrast (got target={target!r}, "
-                         f"contrast={contrast!r})")
-    items = [_prepare(model, p, tokenizer, "similarity") for p in pair]
-    with comp.context(model):
-        recorder = _Recorder(model, record)
-        try:
-            hidden = [_hidden(_forward(model, it, "similarity")) for it in items]
-            with comp.op_rules("similarity"):
-                u, v = (mean_pool(h, it.kwargs.get("attention_mask"))
-                        for h, it in zip(hidden, items))
-                y = cosine(u, v)[0]
-            _finite(float(y.detach()), "similarity")
-            y.backward(y.detach())
-        finally:
-            recorder.remove()
-    relevance = torch.cat([_per_position(it.leaf.grad) for it in items])
-    _finite(relevance, "relevance")
-    tokens = [t for it in items for t in (it.tokens or [])]
-    segments = [n for n, it in enumerate(items) for _ in range(len(it.tokens or []))]
-    return Explanation(tokens=tokens, relevance=relevance, score=float(y.detach()), target=None,
-                       label="similarity of text 1 and text 2", task="similarity",
-                       segments=segments, segment_names=["text 1", "text 2"],
-                       latent=recorder.latent, composite=comp.name, model=_model_name(model))
+def _explain_similarities(model: nn.Module, pairs: list[Any], targets: list[Any],
+                          contrasts: list[Any], comp: Composite, tokenizer: Any,
+                          record: Sequence[str]) -> list[Explanation]:
+    """The cosine similarity of each pair of texts, all pairs in one pass."""
+    for pair, target, contrast in zip(pairs, targets, contrasts):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError("a sentence encoder explains the similarity of two texts: pass a "
+                             f"pair (text_a, text_b), got {type(pair).__name__}"
+                             + (f" of {len(pair)}" if isinstance(pair, (tuple, list)) else ""))
+        if target is not None or contrast is not None:
+            raise ValueError(f"a similarity has no target or contrast (got target={target!r}, "
+                             f"contrast={contrast!r})")
+    sides = [[prepare(model, pair[k], tokenizer, "similarity") for pair in pairs]
+             for k in (0, 1)]
+    batches = [collate(model, side) for side in sides]
+    if any(b is None for b in batches):
+        return [e for pair in pairs for e in _explain_similarities(
+            model, [pair], [None], [None], comp, tokenizer, record)]
+
+    def similarity(outputs: list[Any]) -> Target:
+        u, v = (mean_pool(_hidden(out), batch.kwargs.get("attention_mask"))
+                for out, batch in zip(outputs, batches))
+        y = cosine(u, v)
+        for value in y.detach().tolist():
+            check_finite(value, "similarity")
+        return Target(y, y.detach())
+
+    result = attribute(model, batches, similarity, comp, record=record, label="similarity")
+    out = []
+    for i in range(len(pairs)):
+        parts, tokens, segments = [], [], []
+        for k, (batch, side) in enumerate(zip(batches, sides)):
+            n = batch.lengths[i] if batch.lengths is not None else None
+            grad = result.relevances[k]["inputs_embeds"][i:i + 1]
+            parts.append(_per_position(grad[:, :n] if n is not None else grad))
+            words = (side[i].tokens or [[]])[0]
+            tokens += words
+            segments += [k] * len(words)
+        relevance = torch.cat(parts)
+        check_finite(relevance, "relevance")
+        out.append(Explanation(
+            tokens=tokens, relevance=relevance,
+            score=float(result.target.explained[i].detach()), target=None,
+            label="similarity of text 1 and text 2", task="similarity", segments=segments,
+            segment_names=["text 1", "text 2"],
+            latent=_latent(result.latent, i, len(pairs), None), composite=comp.name,
+            model=_model_name(model)))
+    return out

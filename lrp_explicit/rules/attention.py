@@ -142,8 +142,14 @@ class MultiheadAttentionRule(Rule):
         mask, is_causal = self._merged_mask(attn_mask, key_padding_mask, is_causal, need_weights,
                                             batched, batch, length, x.dtype)
 
-        proj = lf.linear_epsilon(x, mha.in_proj_weight, mha.in_proj_bias, eps)
-        proj = proj.unflatten(-1, (3, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        if batched:  # query is key is value: one packed projection
+            proj = lf.linear_epsilon(x, mha.in_proj_weight, mha.in_proj_bias, eps)
+            proj = proj.unflatten(-1, (3, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
+            proj = proj.contiguous()
+        else:  # torch unsqueezes q, k, v one by one: three projections (same relevance)
+            biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else [None] * 3
+            proj = [lf.linear_epsilon(x, w, b, eps)
+                    for w, b in zip(mha.in_proj_weight.chunk(3), biases)]
         q, k, v = (t.view(length, batch * heads, head_dim).transpose(0, 1) for t in proj)
 
         weights = None

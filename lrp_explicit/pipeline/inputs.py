@@ -1,0 +1,402 @@
+"""Inputs of the attribution pipeline: the task of a model, batches split into samples, and any
+input turned into model arguments with leaves that require grad (:class:`Prepared`)."""
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TASKS", "task_of", "Prepared", "prepare", "make_leaf", "embed", "split_batch",
+           "collate", "per_sample", "progress"]
+
+#: Tasks :func:`lrp_explicit.explain` knows; :func:`task_of` picks one from the model's head.
+TASKS = ("causal-lm", "masked-lm", "classification", "token-classification",
+         "image-classification", "similarity")
+_SUFFIXES = {"causal-lm": ("ForCausalLM", "LMHeadModel"), "masked-lm": ("ForMaskedLM",),
+             "classification": ("ForSequenceClassification",),
+             "token-classification": ("ForTokenClassification",),
+             "image-classification": ("ForImageClassification",)}
+#: Keyword of the leaf passed positionally (``model(x)``) in :attr:`Prepared.leaves`.
+POSITIONAL = "input"
+
+
+def task_of(model: nn.Module) -> str | None:
+    """The task of a Hugging Face head (by class name: ``…ForCausalLM``, ``…ForMaskedLM``, …);
+    ``"similarity"`` for a Hugging Face base model with a vocabulary (a sentence encoder);
+    ``None`` for other models (decided by the output's shape: ``(batch, classes)`` is a
+    classification, ``(batch, tokens, classes)`` a per-position one)."""
+    name = type(model).__name__
+    for task, suffixes in _SUFFIXES.items():
+        if name.endswith(suffixes):
+            return task
+    config = getattr(model, "config", None)
+    if config is not None and name.endswith("Model") and getattr(config, "vocab_size", None):
+        return "similarity"
+    return None
+
+
+@dataclass
+class Prepared:
+    """One input made ready for an attribution pass.
+
+    Attributes
+    ----------
+    leaves : dict of str to Tensor
+        The explained inputs: fresh leaf tensors that require grad, by keyword argument
+        (``"input"`` for the one passed positionally). Empty when :attr:`call` runs the model
+        itself: the leaves are then found in the graph.
+    kwargs : dict
+        The other keyword arguments of the model (masks, token types …).
+    ids : Tensor, optional
+        ``(batch, tokens)`` token ids behind ``inputs_embeds``.
+    tokens : list of list of str, optional
+        The tokens of each sample (ids as text without a tokenizer).
+    image : Tensor, optional
+        ``(H, W, 3)`` picture of the first sample's pixels in ``[0, 1]``, for heatmaps.
+    call : callable, optional
+        ``call(model)`` runs the model on tensors that require grad (a user's own code).
+    """
+
+    leaves: dict[str, Tensor]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    ids: Tensor | None = None
+    tokens: list[list[str]] | None = None
+    image: Tensor | None = None
+    call: Callable[[nn.Module], Any] | None = None
+    lengths: list[int] | None = None
+
+    @property
+    def leaf(self) -> Tensor:
+        """The explained input when there is exactly one."""
+        if len(self.leaves) != 1:
+            raise ValueError(f"{len(self.leaves)} explained inputs, not one")
+        return next(iter(self.leaves.values()))
+
+    @property
+    def key(self) -> str | None:
+        """Keyword of the single explained input (``None``: passed positionally)."""
+        key = next(iter(self.leaves), None)
+        return None if key == POSITIONAL else key
+
+    def run(self, model: nn.Module) -> Any:
+        """Run ``model`` on the leaves and keyword arguments (no key-value cache)."""
+        if self.call is not None:
+            return self.call(model)
+        kwargs = dict(self.kwargs)
+        if "use_cache" not in kwargs and _accepts(model, "use_cache"):
+            kwargs["use_cache"] = False
+        named = {k: v for k, v in self.leaves.items() if k != POSITIONAL}
+        if POSITIONAL in self.leaves:
+            return model(self.leaves[POSITIONAL], **named, **kwargs)
+        return model(**named, **kwargs)
+
+
+def _is_image(obj: Any) -> bool:
+    return hasattr(obj, "convert") and hasattr(obj, "size") and hasattr(obj, "mode")
+
+
+def _is_text(obj: Any) -> bool:
+    return isinstance(obj, str) or (isinstance(obj, tuple) and bool(obj)
+                                    and all(isinstance(s, str) for s in obj))
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def make_leaf(x: Tensor, device: torch.device | str | None = None) -> Tensor:
+    """A fresh leaf copy of ``x`` (on ``device``) that requires grad.
+
+    Raises
+    ------
+    TypeError
+        For an integer or boolean tensor (explain from embeddings or pixels).
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"cannot explain a {x.dtype} tensor; pass embeddings or pixel values")
+    return x.detach().to(device if device is not None else x.device).clone().requires_grad_(True)
+
+
+def embed(model: nn.Module, ids: Tensor) -> Tensor:
+    """Input embeddings of token ``ids`` (no grad), checked against the vocabulary.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` has no ``get_input_embeddings()``.
+    ValueError
+        For ids outside the vocabulary or an empty input.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None or get() is None:
+        raise TypeError("token ids need a model with get_input_embeddings(); pass embeddings "
+                        "(float) instead")
+    if ids.numel() == 0:
+        raise ValueError("the input has no tokens")
+    embedding = get()
+    size = getattr(embedding, "num_embeddings", None)
+    if size is not None and (ids.min() < 0 or ids.max() >= size):
+        raise ValueError(f"token ids outside the vocabulary of {size}")
+    with torch.no_grad():
+        return embedding(ids.to(_device(model)))
+
+
+def _display(pixels: Tensor) -> Tensor:
+    """``(C, H, W)`` pixel values as ``(H, W, 3)`` in [0, 1] (min-max rescaled)."""
+    x = pixels.detach().float().cpu()
+    x = x.expand(3, *x.shape[1:]) if x.shape[0] == 1 else x[:3]
+    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
+    return x.permute(1, 2, 0).contiguous()
+
+
+def _to(kwargs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+
+
+def _from_ids(model: nn.Module, ids: Tensor, kwargs: Mapping[str, Any],
+              tokenizer: Any) -> Prepared:
+    ids = ids if ids.dim() == 2 else ids.reshape(1, -1)
+    x = embed(model, ids)
+    rows = ids.tolist()
+    tokens = [list(tokenizer.convert_ids_to_tokens(r)) if tokenizer is not None
+              else [str(i) for i in r] for r in rows]
+    return Prepared({"inputs_embeds": make_leaf(x)}, _to(kwargs, x.device), ids.cpu(), tokens)
+
+
+def _from_tensor(model: nn.Module, key: str, x: Tensor, kwargs: Mapping[str, Any]) -> Prepared:
+    if key in ("inputs_embeds", "pixel_values"):
+        x = x[None] if x.dim() == (2 if key == "inputs_embeds" else 3) else x
+    device = _device(model)
+    leaf = make_leaf(x, device)
+    image = _display(x[0]) if key == "pixel_values" else None
+    tokens = ([[str(i) for i in range(x.shape[1])] for _ in range(x.shape[0])]
+              if key == "inputs_embeds" else None)
+    return Prepared({key: leaf}, _to(kwargs, device), None, tokens, image)
+
+
+def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
+            task: str | None = None) -> Prepared:
+    """Turn ``inputs`` into model arguments with explained leaves that require grad.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model the inputs are for.
+    inputs : str, tuple of str, Tensor, dict, PIL image, list of int or callable
+        Text or a pair of texts (with ``tokenizer``); an image (with its image processor as
+        ``tokenizer``); token ids (a list of int or an integer tensor), embedded with
+        ``model.get_input_embeddings()`` and explained as ``inputs_embeds``; a floating-point
+        tensor (``inputs_embeds``, or ``pixel_values`` for 4-D tensors and image tasks, of a
+        Hugging Face model; the positional input of any other model); a dict of keyword
+        arguments, whose explained inputs are the tensors that require grad, else
+        ``input_ids`` (embedded), else ``inputs_embeds`` or ``pixel_values``, else the
+        floating-point tensors without ``mask`` in their name; or a callable ``f(model)`` that
+        runs the model itself on tensors that require grad.
+    tokenizer : tokenizer or image processor, optional
+        For text and images, and to name the tokens of ids.
+    task : str, optional
+        The model's task (:func:`task_of`); it decides what a float tensor is.
+
+    Returns
+    -------
+    Prepared
+
+    Raises
+    ------
+    TypeError, ValueError
+        For inputs that cannot be explained (text without tokenizer, an empty text, integer
+        tensors for a model without embeddings, a dict without explainable input …).
+    """
+    hf = getattr(model, "config", None) is not None
+    if _is_text(inputs):
+        if tokenizer is None:
+            raise ValueError("text input needs a tokenizer: explain(model, text, tokenizer=...)")
+        texts = (inputs,) if isinstance(inputs, str) else inputs
+        if not all(t.strip() for t in texts):
+            raise ValueError("the text is empty")
+        enc = tokenizer(*texts, return_tensors="pt")
+        kwargs = {k: v for k, v in enc.items() if k == "attention_mask"
+                  or (k == "token_type_ids" and _accepts(model, k))}
+        return _from_ids(model, enc["input_ids"], kwargs, tokenizer)
+    if _is_image(inputs):
+        if tokenizer is None:
+            raise ValueError("an image needs its image processor: explain(model, image, "
+                             "tokenizer=processor)")
+        pixels = tokenizer(images=inputs.convert("RGB"), return_tensors="pt")["pixel_values"]
+        return _from_tensor(model, "pixel_values", pixels, {})
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, int) for i in inputs):
+        return _from_ids(model, torch.tensor([list(inputs)]), {}, tokenizer)
+    if isinstance(inputs, Tensor):
+        if not inputs.is_floating_point():
+            return _from_ids(model, inputs, {}, tokenizer)
+        if not hf:
+            return Prepared({POSITIONAL: make_leaf(inputs, _device(model))})
+        key = "pixel_values" if task == "image-classification" or inputs.dim() == 4 \
+            else "inputs_embeds"
+        return _from_tensor(model, key, inputs, {})
+    if isinstance(inputs, Mapping):
+        return _from_mapping(model, dict(inputs), tokenizer)
+    if callable(inputs) and not isinstance(inputs, nn.Module):
+        return Prepared({}, call=inputs)
+    raise TypeError(f"cannot explain an input of type {type(inputs).__name__}: give text, "
+                    "token ids, embeddings, pixel values, a dict of model inputs, a callable "
+                    "taking the model, or a list")
+
+
+def _from_mapping(model: nn.Module, kwargs: dict[str, Any], tokenizer: Any) -> Prepared:
+    chosen = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad]
+    if not chosen and isinstance(kwargs.get("input_ids"), Tensor):
+        return _from_ids(model, kwargs.pop("input_ids"), kwargs, tokenizer)
+    if not chosen:
+        for key in ("inputs_embeds", "pixel_values"):
+            if isinstance(kwargs.get(key), Tensor):
+                return _from_tensor(model, key, kwargs.pop(key), kwargs)
+        chosen = [k for k, v in kwargs.items() if isinstance(v, Tensor)
+                  and v.is_floating_point() and "mask" not in k]
+    if not chosen:
+        raise ValueError("a dict input needs input_ids, inputs_embeds or pixel_values (or "
+                         "tensors that require grad): no explainable input among its keys "
+                         f"{sorted(kwargs)}")
+    device = _device(model)
+    leaves = {k: make_leaf(kwargs.pop(k), device) for k in chosen}
+    return Prepared(leaves, _to(kwargs, device))
+
+
+def split_batch(inputs: Any, task: str | None) -> list[Any] | None:
+    """The samples of a batch input, or ``None`` for a single input.
+
+    A list that is not a list of token ids is a batch; so are a tensor with a batch dimension
+    larger than one and a dict whose tensors have one (each sample keeps only the positions
+    its attention mask keeps).
+    """
+    if isinstance(inputs, list) and not all(isinstance(i, int) for i in inputs):
+        if not inputs:
+            raise ValueError("the batch is empty")
+        return inputs
+    if isinstance(inputs, Tensor):
+        single = {True: 4, False: 3}[task == "image-classification" or inputs.dim() == 4] \
+            if inputs.is_floating_point() else 2
+        if inputs.dim() == single and inputs.shape[0] > 1:
+            return list(inputs.unbind(0)) if not inputs.is_floating_point() else \
+                [x[None] for x in inputs.unbind(0)]
+        return None
+    if isinstance(inputs, Mapping):
+        sizes = {v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() >= 2}
+        if len(sizes) != 1 or next(iter(sizes)) <= 1:
+            return None
+        mask = inputs.get("attention_mask")
+        out = []
+        for b in range(next(iter(sizes))):
+            keep = mask[b].bool() if isinstance(mask, Tensor) else None
+            sample = {}
+            for k, v in inputs.items():
+                if not isinstance(v, Tensor) or v.dim() < 2:
+                    sample[k] = v
+                    continue
+                v = v[b]
+                if keep is not None and v.dim() >= 1 and v.shape[0] == keep.shape[0]:
+                    v = v[keep]
+                sample[k] = v[None]
+            out.append(sample)
+        return out
+    return None
+
+
+def collate(model: nn.Module, items: Sequence[Prepared]) -> Prepared | None:
+    """One batch from prepared single samples, padded on the right, or ``None`` where the
+    samples cannot share a forward pass.
+
+    Samples of one explained keyword (``inputs_embeds``, ``pixel_values`` or the positional
+    input) with the same keyword arguments are stacked; samples of different lengths are padded
+    with zeros after their last token, and the attention mask (ones where a sample has none)
+    marks the padding, so that no real token attends to it. Different lengths need a model
+    that takes ``attention_mask``; other shapes must agree.
+
+    Returns
+    -------
+    Prepared or None
+        The batch, with :attr:`Prepared.lengths` the real length of each sample, ids and
+        tokens of every sample; ``None`` if the samples do not fit in one batch.
+    """
+    first = items[0]
+    names = [tuple(it.leaves) for it in items]
+    keys = [tuple(sorted(it.kwargs)) for it in items]
+    if any(it.call is not None or len(it.leaves) != 1 for it in items) \
+            or len(set(names)) != 1 or len(set(keys)) != 1:
+        return None
+    if len(items) == 1:
+        return first
+    name = names[0][0]
+    leaves = [it.leaf for it in items]
+    if any(x.shape[0] != 1 for x in leaves):
+        return None
+    shapes = {tuple(x.shape[2:]) for x in leaves}
+    lengths = [x.shape[1] for x in leaves] if leaves[0].dim() >= 2 else [1] * len(leaves)
+    if len(shapes) != 1:
+        return None
+    ragged = len(set(lengths)) > 1
+    if ragged and (name == "pixel_values" or not _accepts(model, "attention_mask")):
+        return None
+    width = max(lengths)
+    kwargs: dict[str, Any] = {}
+    for key in keys[0]:
+        values = [it.kwargs[key] for it in items]
+        if all(isinstance(v, Tensor) and v.dim() >= 2 and v.shape[0] == 1
+               and v.shape[1] == n for v, n in zip(values, lengths)):
+            kwargs[key] = torch.cat([_pad(v, width) for v in values])
+        elif all(v is values[0] or (not isinstance(v, Tensor) and v == values[0])
+                 for v in values):
+            kwargs[key] = values[0]
+        else:
+            return None
+    if ragged and "attention_mask" not in kwargs:
+        device = leaves[0].device
+        kwargs["attention_mask"] = torch.stack([
+            torch.arange(width, device=device) < n for n in lengths]).long()
+    leaf = make_leaf(torch.cat([_pad(x.detach(), width) for x in leaves]))
+    ids = None
+    if all(it.ids is not None for it in items):
+        ids = torch.cat([_pad(it.ids, width) for it in items])
+    tokens = [t for it in items for t in it.tokens] if all(it.tokens for it in items) else None
+    return Prepared({name: leaf}, kwargs, ids, tokens, first.image, lengths=lengths)
+
+
+def _pad(x: Tensor, width: int) -> Tensor:
+    """``x`` padded with zeros along dimension 1 to ``width``."""
+    if x.dim() < 2 or x.shape[1] == width:
+        return x
+    pad = x.new_zeros(x.shape[0], width - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], dim=1)
+
+
+def per_sample(value: Any, n: int) -> list[Any]:
+    """``value`` for each of ``n`` samples: a list must have one entry per sample; anything
+    else is repeated."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"a list of targets or contrasts for a batch needs one per sample "
+                             f"({n}), got {len(value)}")
+        return value
+    return [value] * n
+
+
+def progress(items: Iterable[Any], show: bool, desc: str = "explain",
+             total: int | None = None) -> Iterable[Any]:
+    """``items`` with a tqdm progress bar on stderr when ``show`` (and more than one item)."""
+    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    if not show or (total is not None and total < 2):
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="input", total=total, file=sys.stderr)

@@ -1,0 +1,271 @@
+"""Targets of the attribution pipeline: what is explained and with which initial relevance.
+
+A *target function* takes the model's output and returns a :class:`Target`: the explained
+tensor ``y`` (on the graph) and its initial relevance (``y``'s value for a logit, weighted
+logits for a contrast, a user's tensor …). The builders here cover a logit chosen by index, a
+callable on the output, an initial-relevance tensor, and, for the language and classification
+heads of :func:`lrp_explicit.explain`, token and class ids from ids, texts or label names, with a
+contrast or the softmax-style initialisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..tokens import clean_tokens
+from .inputs import Prepared
+
+__all__ = ["Target", "TargetSpec", "SOFTMAX", "main_output", "tensors", "output_target",
+           "logit_relevance", "token_ids", "class_id", "token_name", "class_name",
+           "explained_row", "resolve_ids"]
+
+#: ``contrast=SOFTMAX``: initial relevance ``z_t`` for the target's logit and ``−z_j/N`` for
+#: every other logit ``z_j`` (the weights 1 and −1/N of a softmax-style explanation).
+SOFTMAX = "softmax"
+
+#: What :func:`output_target` accepts: an index, a tuple of indices, a callable, a tensor.
+TargetSpec = Union[int, Sequence[int], Callable[[Any], Tensor], Tensor, None]
+
+
+@dataclass
+class Target:
+    """What one attribution pass explains.
+
+    Attributes
+    ----------
+    explained : Tensor
+        The explained tensor ``y``; the backward pass starts from it.
+    initial : Tensor
+        Initial relevance, of ``y``'s shape (``y.backward(initial)``).
+    info : dict
+        Whatever the target function wants to hand back (score, label, prediction …).
+    """
+
+    explained: Tensor
+    initial: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
+    """Tensors in ``obj`` (nested tuples, lists and dicts, e.g. a ``ModelOutput``)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif depth < 4 and isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from tensors(item, depth + 1)
+    elif depth < 4 and isinstance(obj, Mapping):
+        for item in obj.values():
+            yield from tensors(item, depth + 1)
+
+
+def main_output(output: Any) -> Tensor:
+    """The tensor a model output stands for: itself, ``.logits``, else its first tensor."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    for t in tensors(output):
+        return t
+    raise TypeError(f"the model returned no tensor ({type(output).__name__})")
+
+
+def output_target(output: Any, target: TargetSpec) -> Target:
+    """The explained tensor and initial relevance of ``target`` on a model ``output``.
+
+    Parameters
+    ----------
+    output : Any
+        The model's output; ``out`` below is :func:`main_output` of it.
+    target : int, sequence of int, callable, Tensor or None
+        An int ``t`` explains ``out[..., -1, t]`` for outputs with a sequence dimension and
+        ``out[..., t]`` otherwise; a tuple indexes ``out`` directly; a callable ``f(output)``
+        returns the explained tensor; a tensor is the initial relevance of ``out`` itself;
+        ``None`` explains the largest output (at the last position for sequences). The initial
+        relevance of an explained tensor is its value.
+
+    Returns
+    -------
+    Target
+    """
+    if callable(target) and not isinstance(target, Tensor):
+        y = target(output)
+        if not isinstance(y, Tensor):
+            raise TypeError("a target callable must return a tensor")
+        return Target(y, y.detach())
+    out = main_output(output)
+    if isinstance(target, Tensor):
+        if target.shape != out.shape:
+            raise ValueError(f"initial relevance of shape {tuple(target.shape)} does not match "
+                             f"the output's {tuple(out.shape)}")
+        return Target(out, target.to(out.dtype).to(out.device))
+    if target is None:
+        last = out[..., -1, :] if out.dim() >= 3 else out
+        y = last.gather(-1, last.detach().argmax(-1, keepdim=True)).squeeze(-1)
+    elif isinstance(target, int):
+        if not -out.shape[-1] <= target < out.shape[-1]:
+            raise IndexError(f"target {target} out of range for {out.shape[-1]} outputs")
+        y = out[..., -1, target] if out.dim() >= 3 else out[..., target]
+    elif isinstance(target, (tuple, list)):
+        y = out[tuple(target)]
+    else:
+        raise TypeError(f"target must be an index, a callable, a tensor or None, "
+                        f"not {type(target).__name__}")
+    return Target(y, y.detach())
+
+
+# ============================================================================ ids and names
+
+
+def token_name(tokenizer: Any, index: int) -> str:
+    """``'word' (id i)`` with a tokenizer, ``id i`` without."""
+    if tokenizer is None:
+        return f"id {index}"
+    word = clean_tokens(tokenizer.convert_ids_to_tokens([index]))[0]
+    return f"{word!r} (id {index})"
+
+
+def _check_index(index: Any, size: int, what: str) -> int:
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"{what} must be an int or text, not {type(index).__name__}")
+    if not 0 <= index < size:
+        noun = "vocabulary of" if "token" in what else "model's"
+        unit = "tokens" if "token" in what else "classes"
+        raise ValueError(f"{what} {index} is outside the {noun} {size} {unit}")
+    return index
+
+
+def token_ids(spec: Any, tokenizer: Any, size: int, what: str) -> list[int]:
+    """Token ids of a target or contrast: an id, a token, a text or a list of ids.
+
+    Raises
+    ------
+    ValueError
+        For ids outside a vocabulary of ``size``, an empty or unknown text.
+    """
+    if isinstance(spec, str):
+        if tokenizer is None:
+            raise ValueError(f"a text {what} needs a tokenizer")
+        if not spec:
+            raise ValueError(f"the {what} text is empty")
+        vocab = tokenizer.get_vocab()
+        if spec in vocab:
+            ids = [vocab[spec]]
+        else:
+            ids = list(tokenizer(spec, add_special_tokens=False)["input_ids"])
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if not ids or (unk is not None and unk in ids):
+                raise ValueError(f"{what} {spec!r} is not in the vocabulary"
+                                 + (" (the tokenizer maps it to its unknown token)" if ids else ""))
+        return [_check_index(i, size, f"{what} token") for i in ids]
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ValueError(f"the {what} continuation is empty")
+        return [_check_index(i, size, f"{what} token") for i in spec]
+    return [_check_index(spec, size, f"{what} token")]
+
+
+def class_id(spec: Any, config: Any, size: int, what: str) -> int:
+    """A class index from an index or a label name of ``config`` (case-insensitive)."""
+    if isinstance(spec, str):
+        labels = {str(v): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        labels.update({str(k): int(v)
+                       for k, v in (getattr(config, "label2id", None) or {}).items()})
+        folded = {k.lower(): v for k, v in labels.items()}
+        if spec in labels or spec.lower() in folded:
+            return labels.get(spec, folded.get(spec.lower()))  # type: ignore[return-value]
+        raise ValueError(f"{what} {spec!r} is not a label of the model; labels: "
+                         f"{', '.join(sorted(labels, key=labels.get)) or 'none'}")
+    return _check_index(spec, size, what)
+
+
+def class_name(config: Any, index: int) -> str:
+    """``class <label> (i)`` where the config names the class, else ``class i``."""
+    labels = getattr(config, "id2label", None) or {}
+    name = labels.get(index, labels.get(str(index)))
+    return f"class {name} ({index})" if name is not None else f"class {index}"
+
+
+def resolve_ids(target: Any, task: str, size: int, tokenizer: Any, config: Any,
+                prediction: int) -> int | list[int]:
+    """The target id (``prediction`` when ``target`` is None), or a list of ids for a causal
+    LM's continuation."""
+    if target is None:
+        return prediction
+    if task not in ("causal-lm", "masked-lm"):
+        return class_id(target, config, size, "target class")
+    ids = token_ids(target, tokenizer, size, "target")
+    if len(ids) == 1 and not isinstance(target, (list, tuple)):
+        return ids[0]
+    if task != "causal-lm":
+        raise ValueError(f"target {target!r} is {len(ids)} tokens; a masked LM explains one")
+    return ids
+
+
+def explained_row(logits: Tensor, task: str | None, item: Prepared, tokenizer: Any,
+                  position: int | None) -> tuple[int, ...]:
+    """Index of the explained logit vector: ``(0,)``, or ``(0, position)`` per token (the
+    last token, or the mask token of a masked LM, unless ``position`` is given)."""
+    if logits.dim() != 3:
+        return (0,)
+    length = logits.shape[1]
+    if position is None:
+        position = _mask_position(item, tokenizer) if task == "masked-lm" else length - 1
+    if not -length <= position < length:
+        raise ValueError(f"position {position} outside the {length} tokens")
+    return (0, position % length)
+
+
+def _mask_position(item: Prepared, tokenizer: Any) -> int:
+    mask = getattr(tokenizer, "mask_token_id", None)
+    if item.ids is None or mask is None:
+        raise ValueError("a masked LM explains the [MASK] position: give text with the mask "
+                         "token and the tokenizer, or position=")
+    where = (item.ids[0] == mask).nonzero().flatten()
+    if where.numel() == 0:
+        raise ValueError(f"the input has no mask token ({tokenizer.mask_token}); add one or "
+                         "pass position=")
+    return int(where[0])
+
+
+def logit_relevance(logits: Tensor, row: tuple[int, ...], index: int, contrast: Any,
+                    name: Callable[[int], str], contrast_id: Callable[[Any], int],
+                    out: Tensor | None = None) -> tuple[Tensor, str]:
+    """Initial relevance of ``logits`` for logit ``index`` of ``row``, and the contrast's part
+    of the label.
+
+    Parameters
+    ----------
+    logits : Tensor
+        The model's logits.
+    row : tuple of int
+        Index of the explained logit vector (:func:`explained_row`).
+    index : int
+        The explained logit; its initial relevance is its value ``z_t``.
+    contrast : int, str or None
+        Another logit ``c`` (initial relevance ``−z_c``), or :data:`SOFTMAX` (``−z_j/N`` for
+        every logit ``j``, added to ``z_t`` for the target).
+    name, contrast_id : callable
+        Name of a logit; id of a contrast specification.
+    out : Tensor, optional
+        A zero tensor of ``logits``' shape to write into (e.g. a view of a batch's initial
+        relevance); a new one by default.
+    """
+    relevance = torch.zeros_like(logits) if out is None else out
+    z = logits[row].detach()
+    if isinstance(contrast, str) and contrast.lower() == SOFTMAX:
+        relevance[row] = -z / z.shape[-1]
+        suffix = " vs all (softmax-style 1, −1/N)"
+    elif contrast is not None:
+        other = contrast_id(contrast)
+        if other == index:
+            raise ValueError(f"the contrast is the target itself ({name(index)})")
+        relevance[row + (other,)] = -z[other]
+        suffix = f" vs {name(other).replace('class ', '')}"
+    else:
+        suffix = ""
+    relevance[row + (index,)] = z[index]
+    return relevance, suffix
