@@ -30,7 +30,7 @@ from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnruledOpError, UnruledOpWarning
-from .ops import OP_NAMES, PASS_THROUGH, Handler, NoRule, on_path
+from .ops import OP_NAMES, PASS_THROUGH, Handler, NoRule
 
 __all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
            "unbind", "enter", "leave", "hooks_installed", "warn_unruled",
@@ -109,15 +109,6 @@ _modules: dict[int, _Binding] = {}  # id(module) -> its binding
 _hook_handles: list = []
 
 
-def _any_on_path(args: tuple, kwargs: dict) -> bool:
-    for a in args:
-        if on_path(a):
-            return True
-        if isinstance(a, (list, tuple)) and any(on_path(t) for t in a):
-            return True
-    return any(on_path(v) for v in kwargs.values())
-
-
 #: Modules whose autograd Functions are never reported as unruled.
 TRUSTED_FUNCTION_MODULES = ("torch", "lrp_explicit", "zennit")
 _SEEN_ATTR = "_lrp_seen"  # set on a foreign Function's backward node once seen
@@ -144,22 +135,32 @@ def _foreign_name(tensor: torch.Tensor) -> str | None:
 
 
 def _report_foreign(composite: "RuleSource", values: Any, path: str,
-                    trusted: bool = False) -> None:
+                    trusted: bool = False) -> bool:
     """Report foreign Functions behind the relevance-path tensors in ``values`` (a tensor or a
-    flat tuple/list/dict of them); with ``trusted`` only mark them as seen."""
+    flat tuple/list/dict of them, one level of nesting); with ``trusted`` only mark them as
+    seen. Returns True if any of the tensors is on the relevance path (one pass over the
+    arguments serves both questions: this runs for every intercepted call)."""
     if isinstance(values, torch.Tensor):
         values = (values,)
     elif isinstance(values, dict):
         values = tuple(values.values())
     elif not isinstance(values, (tuple, list)):
-        return
+        return False
+    found = False
     for value in values:
-        if isinstance(value, (tuple, list)):
-            _report_foreign(composite, value, path, trusted)
-        elif isinstance(value, torch.Tensor) and value.requires_grad:
+        if isinstance(value, torch.Tensor):
+            if not value.requires_grad:
+                continue
+            found = True
+            node = value.grad_fn
+            if node is None or _foreign_names.get(type(node), "") is None:
+                continue  # a leaf, or a node of a trusted Function (the common case)
             name = _foreign_name(value)
             if name is not None and not trusted:
                 composite.report_unruled(name, path)
+        elif isinstance(value, (tuple, list)):
+            found = _report_foreign(composite, value, path, trusted) or found
+    return found
 
 
 def _output_on_path(out: Any) -> bool:
@@ -180,15 +181,15 @@ class RuleMode(TorchFunctionMode):
         if composite is None or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         path = frames[-1].path
-        _report_foreign(composite, args, path)
+        on = _report_foreign(composite, args, path)
         if kwargs:
-            _report_foreign(composite, kwargs, path)
+            on = _report_foreign(composite, kwargs, path) or on
         if func in PASS_THROUGH:
             return func(*args, **kwargs)
         name = OP_NAMES.get(func)
-        if name is not None:
+        if name is not None and on:
             handler = composite.ops.get(name)
-            if handler is not None and _any_on_path(args, kwargs):
+            if handler is not None:
                 try:
                     out = handler(func, args, kwargs, composite.epsilon)
                 except NoRule:
