@@ -608,6 +608,79 @@ class AttentionFunction(torch.autograd.Function):
         return r_q, r_k, r_v, None, None, None, None, None, None
 
 
+def _fully_masked_row(mask: Tensor | None) -> bool:
+    """True if some query row of ``mask`` (boolean: True attends; additive: the dtype's
+    minimum or −inf masks) attends to no key."""
+    if mask is None:
+        return False
+    if mask.dtype == torch.bool:
+        return not bool(mask.any(-1).all())
+    return not bool((mask > torch.finfo(mask.dtype).min).any(-1).all())
+
+
+class FusedAttentionFunction(torch.autograd.Function):
+    """``F.scaled_dot_product_attention`` whose LRP backward is one standard sdpa backward.
+
+    With AttnLRP's rules (uniform-ε on ``A v``, softmax as Gradient×Input, the additive mask
+    absorbing its share, identity through the scale, uniform on ``q kᵀ``) the relevance of
+    ``o = sdpa(q, k, v)`` is, with ``g = R ⊘ s(o)`` and ``(dq, dk, dv)`` the standard backward
+    of the fused op for the output gradient ``½ g``::
+
+        R_q = ½ q ⊙ dq,   R_k = ½ k ⊙ dk,   R_v = v ⊙ dv
+
+    (``R_A ⊘ A = ½ g vᵀ`` is the gradient of ``A``; the softmax rule gives ``x ⊙ dS`` with
+    ``dS`` the softmax backward of it; the mask's share cancels in ``R_z ⊘ z = scale · dS``;
+    so ``R_q = ½ q ⊙ (scale · dS k) = ½ q ⊙ dq``). Operands off the relevance path take no
+    half: with constant weights (CP-LRP, or ``q`` and ``k`` constant) the output gradient is
+    ``g`` and ``R_v = v ⊙ dv``. The one term dropped against
+    :class:`AttentionFunction` is the ε on ``q kᵀ``, whose effect is bounded by ``ε·|dS|``.
+    The forward keeps the fused op's own graph (flash or memory-efficient kernels where the
+    device has them, so the ``L × S`` weights are never formed), and the backward runs it once.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, hold_weights):
+        kwargs = {"attn_mask": attn_mask, "is_causal": is_causal, "scale": scale}
+        if enable_gqa:
+            kwargs["enable_gqa"] = True
+        need = [ctx.needs_input_grad[i] and not (hold_weights and i < 2) for i in range(3)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), need)]
+            out = F.scaled_dot_product_attention(*leaves, **kwargs)
+        ctx.graph = (leaves, out, need)
+        ctx.epsilon, ctx.masked = epsilon, attn_mask is not None
+        ctx.save_for_backward(q, k, v)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, relevance):
+        q, k, v = ctx.saved_tensors
+        leaves, out, need = ctx.graph
+        del ctx.graph
+        if not out.requires_grad or not any(need):
+            return (None,) * 9
+        o = out.detach()
+        if ctx.masked:
+            o = o.nan_to_num(0.0)
+        g = _divide(relevance, o, ctx.epsilon).to(o.dtype)
+        weights_on_path = need[0] or need[1]
+        if need[2] and weights_on_path:
+            g.mul_(0.5)  # uniform-ε on A·v: half to v, half to the weights
+        wanted = [t for t, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, g))
+        half = 0.5 if (need[0] and need[1]) else 1.0  # uniform on q kᵀ
+        r = []
+        for t, n, factor in zip((q, k, v), need, (half, half, 1.0)):
+            if not n:
+                r.append(None)
+                continue
+            d = next(grads)
+            if ctx.masked:
+                d = d.nan_to_num(0.0)
+            r.append(_scaled(t * d, factor).to(t.dtype))
+        return r[0], r[1], r[2], None, None, None, None, None, None
+
+
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
@@ -618,6 +691,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     epsilon: float | None = None,
     hold_weights: bool = False,
+    exact: bool = False,
 ) -> Tensor:
     """``F.scaled_dot_product_attention`` (no dropout) with the AttnLRP rules.
 
@@ -630,12 +704,21 @@ def scaled_dot_product_attention(
         ε-stabiliser; ``None`` takes the dtype default.
     hold_weights : bool
         Hold the attention weights constant (CP-LRP): all relevance goes to ``v``.
+    exact : bool
+        Decompose the backward into the rules, ε on ``q kᵀ`` included
+        (:class:`AttentionFunction`); by default one standard backward of the fused kernel
+        gives the same relevance without that ε (:class:`FusedAttentionFunction`). Attention
+        with a query row that attends to nothing always takes the exact path (its relevance
+        is 0 there, not NaN).
     """
     if hold_weights:  # q and k are constants: cut them off the graph (no None relevance
         q, k = q.detach(), k.detach()  # reaches their producers, e.g. zennit-hooked layers)
-    return AttentionFunction.apply(
-        q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon, hold_weights
-    )
+    if exact or _fully_masked_row(attn_mask):
+        function = AttentionFunction
+    else:
+        function = FusedAttentionFunction
+    return function.apply(q, k, v, attn_mask, is_causal, scale, enable_gqa, epsilon,
+                          hold_weights)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import Tensor
 from . import functional as lf
 
 __all__ = ["OP_NAMES", "PASS_THROUGH", "ATTNLRP_OPS", "CPLRP_OPS", "NoRule", "Handler",
-           "on_path", "GATE_ATTR", "name_transformers_ops"]
+           "on_path", "GATE_ATTR", "name_transformers_ops", "ATTENTION_MODES", "attention_ops"]
 
 #: An op-table handler: ``handler(func, args, kwargs, epsilon)`` computes the intercepted call
 #: ``func(*args, **kwargs)`` through an LRP Function (or raises :class:`NoRule` to leave it to
@@ -323,7 +323,7 @@ def _softmax_stop(func, args, kwargs, epsilon):
     return lf.stop(func(*args, **kwargs))
 
 
-def _sdpa(hold_weights: bool) -> Handler:
+def _sdpa(hold_weights: bool, exact: bool = False) -> Handler:
     def handler(func, args, kwargs, epsilon):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
                  "enable_gqa")
@@ -334,10 +334,29 @@ def _sdpa(hold_weights: bool) -> Handler:
         return lf.scaled_dot_product_attention(
             bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
             bool(bound.get("is_causal", False)), bound.get("scale"),
-            bool(bound.get("enable_gqa", False)), epsilon, hold_weights)
+            bool(bound.get("enable_gqa", False)), epsilon, hold_weights, exact)
 
-    handler.__name__ = "sdpa_cp" if hold_weights else "sdpa_attnlrp"
+    handler.__name__ = ("sdpa_cp" if hold_weights else "sdpa_attnlrp") + ("_exact" if exact else "")
     return handler
+
+
+#: How the sdpa rule computes its backward: ``"fused"`` (one standard backward of the fused
+#: kernel, the default) or ``"exact"`` (the rule decomposition with the ε on ``q kᵀ``).
+ATTENTION_MODES = ("fused", "exact")
+
+
+def attention_ops(mode: str, cp_lrp: bool = False) -> dict[str, Handler]:
+    """Op-table entries for ``F.scaled_dot_product_attention`` in ``mode`` (see
+    :data:`ATTENTION_MODES` and :func:`lrp_explicit.functional.scaled_dot_product_attention`).
+
+    Raises
+    ------
+    ValueError
+        For an unknown mode.
+    """
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {mode!r}")
+    return {"sdpa": _sdpa(hold_weights=cp_lrp, exact=mode == "exact")}
 
 
 # ---------------------------------------------------------------------------- norms, reductions

@@ -384,3 +384,28 @@ def test_module_objects_called_but_not_owned_take_the_rules(stray):
     z = lin(x).detach()
     expected = x * ((relevance / (z + 1e-12 * torch.where(z >= 0, 1.0, -1.0))) @ lin.weight)
     assert torch.allclose(xx.grad, expected, rtol=1e-9)
+
+
+def test_attention_mode_of_the_registry_composites(monkeypatch):
+    """``attention="exact"`` selects the exact sdpa decomposition; the default is the fused
+    backward; an unknown mode is refused."""
+    from lrp_explicit import functional as lf
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    fused = composites.get("attnlrp", model).ops["sdpa"]
+    exact = composites.get("attnlrp", model, attention="exact").ops["sdpa"]
+    held = composites.get("cp-lrp", model, attention="exact").ops["sdpa"]
+    assert fused.__name__ == "sdpa_attnlrp" and exact.__name__ == "sdpa_attnlrp_exact"
+    assert held.__name__ == "sdpa_cp_exact"
+    q, k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    calls = []
+    original = lf.AttentionFunction.apply
+    monkeypatch.setattr(lf.AttentionFunction, "apply",
+                        lambda *a: calls.append(a) or original(*a))
+    exact(F.scaled_dot_product_attention, (q, k, v), {}, None)
+    assert len(calls) == 1
+    fused(F.scaled_dot_product_attention, (q, k, v), {}, None)
+    assert len(calls) == 1  # the fused path does not decompose
+    with pytest.raises(ValueError, match="attention must be one of"):
+        composites.get("attnlrp", model, attention="flash")

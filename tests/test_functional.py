@@ -533,7 +533,8 @@ def test_attention_against_decomposition(case, hold):
     mask = mask(L=L) if mask is not None else None
     kw = dict(attn_mask=mask, is_causal=cfg.get("is_causal", False), scale=cfg.get("scale"),
               enable_gqa=cfg.get("gqa", False))
-    out = lf.scaled_dot_product_attention(q, k, v, **kw, epsilon=EPS, hold_weights=hold)
+    out = lf.scaled_dot_product_attention(q, k, v, **kw, epsilon=EPS, hold_weights=hold,
+                                          exact=True)
     assert torch.equal(out, F.scaled_dot_product_attention(d(q), d(k), d(v), **kw))
     R = explain(out)
     ref = _attention_ref(q, k, v, R, mask=mask, hold=hold, **cfg)
@@ -569,7 +570,7 @@ def test_attention_equals_composition_of_primitive_rules(case):
     causal = case == "causal"
     R = torch.randn(2, 4, 5, 8, dtype=F64)
     out = lf.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                          enable_gqa=gqa, epsilon=EPS)
+                                          enable_gqa=gqa, epsilon=EPS, exact=True)
     out.backward(R)
     q2, k2, v2 = (d(t).requires_grad_() for t in (q, k, v))
     ke = k2.repeat_interleave(2, -3) if gqa else k2
@@ -740,7 +741,8 @@ def test_attention_with_a_constant_operand_gives_the_full_rule_to_the_other(cons
     leaves = {"q": q, "k": k, "v": v}
     leaves[constant] = d(leaves[constant])
     R = torch.randn(2, 4, 5, 8, dtype=F64)
-    out = lf.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], epsilon=EPS)
+    out = lf.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], epsilon=EPS,
+                                          exact=True)
     out.backward(R)
     chain = {n: d(t).requires_grad_(n != constant) for n, t in leaves.items()}
     pre = lf.mul_uniform(lf.matmul_uniform(chain["q"], chain["k"].mT, EPS), 1 / math.sqrt(8))
@@ -751,3 +753,102 @@ def test_attention_with_a_constant_operand_gives_the_full_rule_to_the_other(cons
             assert leaves[name].grad is None
         else:
             assert_rel(d(leaves[name].grad), d(chain[name].grad))
+
+
+# ------------------------------------------------------------------- fused attention path
+
+
+def _padding_mask(side, L=5, Sk=6):
+    """Key padding of the second sample on ``side`` (boolean, broadcast over heads and rows)."""
+    mask = torch.ones(2, 1, 1, Sk, dtype=torch.bool)
+    mask[1, ..., :2] = side == "right"
+    mask[1, ..., -2:] = side == "left"
+    return mask
+
+
+FUSED_CASES = dict(ATTENTION_CASES, padding_left=dict(mask=lambda L: _padding_mask("left", L)),
+                   padding_right=dict(mask=lambda L: _padding_mask("right", L)),
+                   gqa_causal_scale=dict(gqa=True, kv_heads=2, is_causal=True, scale=0.7))
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["attnlrp", "cplrp"])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_attention_equals_the_exact_decomposition(case, hold):
+    """One standard sdpa backward (the default) gives the relevance of the exact rule
+    decomposition up to the ε on q kᵀ it drops: 1e-8 relative in float64 at the default ε,
+    for every mask kind, causal, custom scale and GQA; the forward is the fused op's."""
+    cfg = dict(FUSED_CASES[case])
+    L = cfg.pop("L", 5)
+    kv_heads = cfg.pop("kv_heads", 4)
+    mask = cfg.pop("mask", None)
+    mask = mask(L=L) if mask is not None else None
+    kw = dict(attn_mask=mask, is_causal=cfg.get("is_causal", False), scale=cfg.get("scale"),
+              enable_gqa=cfg.get("gqa", False), hold_weights=hold)
+    R = torch.randn(2, 4, L, 8, dtype=F64)
+    grads = []
+    for exact in (False, True):
+        torch.manual_seed(7)
+        q, k, v = _qkv(L=L, kv_heads=kv_heads)
+        out = lf.scaled_dot_product_attention(q, k, v, **kw, exact=exact)
+        if not exact:
+            plain = {k_: v_ for k_, v_ in kw.items() if k_ != "hold_weights"}
+            assert torch.equal(out, F.scaled_dot_product_attention(d(q), d(k), d(v), **plain))
+        out.backward(R)
+        grads.append([t.grad for t in (q, k, v)])
+    for fused, exact in zip(*grads):
+        if exact is None:
+            assert fused is None
+        else:
+            assert_rel(d(fused), d(exact), rtol=1e-8, atol=0.0)
+
+
+def test_fused_attention_drops_only_the_epsilon_on_the_scores():
+    """With a large ε the fused path differs from the exact one for q and k (the ε on q kᵀ),
+    never for v, whose rule has no such term; with CP-LRP nothing differs at all."""
+    torch.manual_seed(3)
+    q, k, v = _qkv()
+    R = torch.randn(2, 4, 5, 8, dtype=F64)
+    runs = {}
+    for exact in (False, True):
+        leaves = [d(t).requires_grad_() for t in (q, k, v)]
+        lf.scaled_dot_product_attention(*leaves, epsilon=EPS, exact=exact).backward(R)
+        runs[exact] = [t.grad for t in leaves]
+    assert_rel(d(runs[False][2]), d(runs[True][2]), rtol=1e-12)
+    assert float((runs[False][0] - runs[True][0]).norm() / runs[True][0].norm()) > 1e-3
+    held = [d(t).requires_grad_() for t in (q, k, v)]
+    lf.scaled_dot_product_attention(*held, epsilon=EPS, hold_weights=True).backward(R)
+    ref = _attention_ref(q, k, v, R, hold=True)
+    assert_rel(d(held[2].grad), ref["v"])
+
+
+@pytest.mark.parametrize("constant", ["v", "k", "q"])
+def test_fused_attention_with_a_constant_operand(constant):
+    """A constant operand leaves the full rule to the others on the fused path too."""
+    q, k, v = _qkv(kv_heads=4)
+    R = torch.randn(2, 4, 5, 8, dtype=F64)
+    grads = []
+    for exact in (False, True):
+        leaves = {n: d(t).requires_grad_(n != constant) for n, t in zip("qkv", (q, k, v))}
+        lf.scaled_dot_product_attention(*leaves.values(), exact=exact).backward(R)
+        grads.append(leaves)
+    for name in "qkv":
+        if name == constant:
+            assert grads[0][name].grad is None
+        else:
+            assert_rel(d(grads[0][name].grad), d(grads[1][name].grad), rtol=1e-8, atol=0.0)
+
+
+def test_fused_attention_runs_the_fused_kernel_backward():
+    """On CPU without a mask the forward and the backward are the flash kernel's: the
+    attention weights (softmax over L × S) are never formed in the LRP backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = (torch.randn(1, 2, 64, 16).requires_grad_() for _ in range(3))
+    out = lf.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward(torch.randn_like(out))
+    names = {e.name for e in prof.events()}
+    assert any("flash_attention" in n and "backward" in n for n in names), sorted(names)
+    assert not any(n in ("aten::softmax", "aten::_softmax", "aten::bmm", "aten::baddbmm")
+                   for n in names)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -263,7 +263,7 @@ class Ledger:
             name = fn
             if fn == "SoftmaxFunction":
                 kind = "softmax"
-            elif fn == "AttentionFunction":
+            elif fn in ("AttentionFunction", "FusedAttentionFunction"):
                 kind = None  # decided in the hook: softmax unless q and k get nothing
             elif fn in _LINEAR:
                 module = owner.module if owner is not None else None

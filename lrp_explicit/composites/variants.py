@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from torch import nn
 
-from ..ops import CPLRP_OPS
+from ..ops import CPLRP_OPS, attention_ops
 from .base import Composite
 from .registry import GENERIC, register
 
@@ -42,7 +42,9 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
     -------
     callable
         ``factory(**options)`` returning a new :class:`~lrp_explicit.Composite`; an ``ops``
-        option is merged last, over the family's entries.
+        option is merged last, over the family's entries; ``attention="exact"`` takes the
+        exact rule decomposition of sdpa attention instead of the fused backward
+        (:data:`lrp_explicit.ops.ATTENTION_MODES`).
     """
     kind = "cp-lrp" if cp_lrp else "attnlrp"
     name = kind if family == GENERIC else f"{kind} ({family})"
@@ -51,6 +53,7 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
         table = dict(CPLRP_OPS) if cp_lrp else {}
         if ops is not None:
             table.update(ops(cp_lrp))
+        table.update(attention_ops(options.pop("attention", "fused"), cp_lrp))
         table.update(options.pop("ops", None) or {})  # the user's entries come last
         if validate is not None:
             options.setdefault("validate", validate)
