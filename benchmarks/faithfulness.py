@@ -40,20 +40,22 @@ grid of 21 fractions. AUC is the trapezoid area under each sentence's curve over
 ``LeRF − MoRF`` are better. The random baseline deletes in 10 random orders (MoRF) and their
 reverses (LeRF).
 
+The synthetic task and the metrics are :mod:`lrp_explicit.evaluation.text` and
+:mod:`lrp_explicit.evaluation.metrics`; every explanation (LRP and the gradient baselines) is
+one pass of :func:`lrp_explicit.pipeline.attribute`.
+
     python benchmarks/faithfulness.py            # full run (about 9 minutes on 2 CPU cores)
     python benchmarks/faithfulness.py --quick    # about a minute; into benchmarks/results/quick
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.resources
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import common
 import numpy as np
@@ -61,217 +63,28 @@ import torch
 from torch import Tensor
 
 from lrp_explicit import composites
+from lrp_explicit.evaluation import metrics
+from lrp_explicit.evaluation.text import (CLS, FAMILIES, MASK, SEP, STOP_ACCURACY,  # noqa: F401
+                                          Sample, collate, explain_batch, make_samples, train,
+                                          verb_logits)
 from lrp_explicit.explain import cosine, mean_pool
+from lrp_explicit.pipeline import Target, attribute, prepare
 
 DATA = common.HERE / "data" / "sentence_pairs.json"
-FAMILIES = ["llama", "gpt2", "bert"]
 FAMILY_LABELS = {"llama": "LLaMA", "gpt2": "GPT-2", "bert": "BERT"}
 METHODS = ["attnlrp", "cp-lrp", "gradient", "gxi", "random"]
 LABELS = {"attnlrp": "AttnLRP", "cp-lrp": "CP-LRP", "gradient": "Gradient",
           "gxi": "Gradient×Input", "random": "Random"}
 METRICS = ["PG2", "MRR", "RMA", "PTA"]
 RANDOM_DRAWS = 10
-STOP_ACCURACY = 0.985  # validation accuracy (attractor samples) at which training stops
 TARGET_ACCURACY = 0.95  # the issue's target on the held-out set
 GRID = np.linspace(0.0, 1.0, 21)
 
-# ------------------------------------------------------------------------------ vocabulary
-
-N_NOUNS, N_FILLERS = 24, 32
-PAD, CLS, SEP, MASK = 0, 1, 2, 3
-VERBS = torch.tensor([4, 5])  # "is" (singular), "are" (plural)
-NOUN0 = 6  # singular nouns NOUN0 .. NOUN0+23, plurals NOUN0+24 .. NOUN0+47
-FILLER0 = NOUN0 + 2 * N_NOUNS
-VOCAB = (["[PAD]", "[CLS]", "[SEP]", "[MASK]", "is", "are"]
-         + [f"noun{i}" for i in range(N_NOUNS)] + [f"noun{i}s" for i in range(N_NOUNS)]
-         + [f"w{i}" for i in range(N_FILLERS)])
-
-
-@dataclass
-class Sample:
-    """One agreement sentence: token ids, the subject's position (the ground truth), the
-    position whose output predicts the verb, and the number (0 singular, 1 plural)."""
-
-    ids: np.ndarray
-    subject: int
-    position: int
-    label: int
-
-
-def make_samples(n: int, masked: bool, attractors: bool, seed: int) -> list[Sample]:
-    """``n`` agreement sentences (seeded).
-
-    Parameters
-    ----------
-    masked : BERT layout ``[CLS] stimulus [MASK] continuation [SEP]``; else the causal
-        stimulus alone (the verb follows its last token).
-    attractors : one to four intervening nouns, all of the opposite number (held-out sets);
-        else zero to four of random number (training).
-    """
-    rng = np.random.default_rng(seed)
-
-    def fillers(lo: int, hi: int) -> list[int]:
-        return list(FILLER0 + rng.integers(0, N_FILLERS, rng.integers(lo, hi + 1)))
-
-    def noun(number: int) -> int:
-        return int(NOUN0 + number * N_NOUNS + rng.integers(N_NOUNS))
-
-    out = []
-    for _ in range(n):
-        label = int(rng.integers(2))
-        tokens = fillers(0, 3)
-        subject = len(tokens)
-        tokens.append(noun(label))
-        for _ in range(rng.integers(1, 5) if attractors else rng.integers(0, 5)):
-            tokens += fillers(0, 2)
-            tokens.append(noun(1 - label if attractors else int(rng.integers(2))))
-        tokens += fillers(0, 2)
-        if masked:
-            tail = [noun(int(rng.integers(2))) if rng.random() < 0.3 else FILLER0
-                    + int(rng.integers(N_FILLERS)) for _ in range(rng.integers(0, 5))]
-            ids = [CLS, *tokens, MASK, *tail, SEP]
-            out.append(Sample(np.array(ids), subject + 1, len(tokens) + 1, label))
-        else:
-            out.append(Sample(np.array(tokens), subject, len(tokens) - 1, label))
-    return out
-
-
-def collate(samples: list[Sample]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Right-padded ``ids``, ``attention_mask``, prediction positions, labels, subjects."""
-    length = max(len(s.ids) for s in samples)
-    ids = np.full((len(samples), length), PAD)
-    for i, s in enumerate(samples):
-        ids[i, :len(s.ids)] = s.ids
-    ids = torch.from_numpy(ids)
-    field = lambda name: torch.tensor([getattr(s, name) for s in samples])  # noqa: E731
-    return ids, (ids != PAD).long(), field("position"), field("label"), field("subject")
-
-
-# ------------------------------------------------------------------------------ models
-
-
-def build(family: str, seed: int) -> torch.nn.Module:
-    """A tiny model of the family (2 layers, width 64, no dropout), seeded."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    common_args = dict(vocab_size=len(VOCAB), pad_token_id=PAD)
-    if family == "llama":
-        config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=64, tie_word_embeddings=False,
-                                **common_args)
-        return tf.LlamaForCausalLM(config)
-    if family == "gpt2":
-        config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                               eos_token_id=None, **common_args)
-        return tf.GPT2LMHeadModel(config)
-    config = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           **common_args)
-    return tf.BertForMaskedLM(config)
-
-
-def verb_logits(logits: Tensor, positions: Tensor) -> Tensor:
-    """The two verb logits at each sample's prediction position, ``[batch, 2]``."""
-    rows = logits[torch.arange(len(positions)), positions]
-    return rows[:, VERBS]
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, samples: list[Sample], batch: int = 500) -> float:
-    """Fraction of samples whose verb number is predicted correctly."""
-    correct = 0
-    for start in range(0, len(samples), batch):
-        ids, mask, pos, label, _ = collate(samples[start:start + batch])
-        pred = verb_logits(model(input_ids=ids, attention_mask=mask).logits, pos).argmax(-1)
-        correct += int((pred == label).sum())
-    return correct / len(samples)
-
-
-def train(family: str, steps: int, seed: int, val: list[Sample], min_steps: int = 0,
-          batch: int = 64, check_every: int = 100) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train on the verb position only (cross-entropy over the two verb forms) with AdamW until
-    the validation accuracy reaches :data:`STOP_ACCURACY` (after ``min_steps`` at least) or
-    ``steps`` are done."""
-    model = build(family, seed).train()
-    pool = make_samples(40 * batch + 8000, family == "bert", attractors=False, seed=seed + 1)
-    rng = np.random.default_rng(seed + 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
-    start, history, step = time.perf_counter(), [], 0
-    for step in range(1, steps + 1):
-        ids, mask, pos, label, _ = collate([pool[i] for i in rng.integers(len(pool), size=batch)])
-        loss = torch.nn.functional.cross_entropy(
-            verb_logits(model(input_ids=ids, attention_mask=mask).logits, pos), label)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % check_every == 0 or step == steps:
-            model.eval()
-            acc = accuracy(model, val)
-            model.train()
-            history.append((step, round(loss.item(), 4), acc))
-            if acc >= STOP_ACCURACY and step >= min_steps:
-                break
-    info = dict(steps=step, seconds=round(time.perf_counter() - start, 1),
-                val_accuracy=history[-1][2], history=history,
-                parameters=sum(p.numel() for p in model.parameters()))
-    return model.eval(), info
+# The task (vocabulary, samples, the tiny models and their training, the contrastive target)
+# is lrp_explicit.evaluation.text; the metrics are lrp_explicit.evaluation.metrics.
 
 
 # ------------------------------------------------------------------------------ ground truth
-
-
-def token_metrics(rel: Tensor, truth: Tensor, valid: Tensor) -> dict[str, Tensor]:
-    """PG2, MRR, RMA and PTA of each row of ``rel`` ``[batch, tokens]``.
-
-    ``truth`` marks the ground-truth tokens, ``valid`` the tokens that are scored (the others
-    are ignored). Ties in the ranking are broken by position (stable sort)."""
-    rel = rel.double()
-    order = rel.masked_fill(~valid, -math.inf).argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(1, rel.shape[-1] + 1).expand_as(order))
-    best = ranks.masked_fill(~truth, rel.shape[-1] + 1).min(-1).values.double()
-    positive = rel.clamp(min=0) * valid
-    total = positive.sum(-1)
-    inside = (positive * truth).sum(-1)
-    agree = ((rel > 0) == truth) & valid
-    return {"PG2": (best <= 2).double(), "MRR": 1.0 / best,
-            "RMA": torch.where(total > 0, inside / total.clamp(min=1e-300), 0.0),
-            "PTA": agree.sum(-1) / valid.sum(-1)}
-
-
-def contrast(logits: Tensor, positions: Tensor, predicted: Tensor) -> Tensor:
-    """``logit(predicted verb) − logit(other verb)`` per sample."""
-    two = verb_logits(logits, positions)
-    rows = torch.arange(len(positions))
-    return two[rows, predicted] - two[rows, 1 - predicted]
-
-
-def explain_batch(model: torch.nn.Module, comps: dict[str, Any], ids: Tensor, pos: Tensor,
-                  pred: Tensor) -> dict[str, Tensor]:
-    """Per-token relevance ``[batch, tokens]`` of the contrastive difference, method by method
-    (equal-length unpadded batch; samples are independent, so one backward serves all)."""
-    x = model.get_input_embeddings()(ids).detach()
-    out = {}
-    leaf = x.clone().requires_grad_()
-    contrast(model(inputs_embeds=leaf).logits, pos, pred).sum().backward()
-    out["gradient"] = leaf.grad.norm(dim=-1)
-    out["gxi"] = (leaf.grad * x).sum(-1)
-    for name, comp in comps.items():
-        leaf = x.clone().requires_grad_()
-        with comp.context(model):
-            logits = model(inputs_embeds=leaf).logits
-            with comp.op_rules():
-                y = contrast(logits, pos, pred)
-            y.backward(y.detach())
-        out[name] = leaf.grad.sum(-1)
-        out[name + ":delta"] = y.detach()
-    return out
 
 
 def evaluate_sva(family: str, model: torch.nn.Module, test: list[Sample],
@@ -298,26 +111,27 @@ def evaluate_sva(family: str, model: torch.nn.Module, test: list[Sample],
         if not keep.any():
             continue
         ids, pos, pred, subject = ids[keep], pos[keep], pred[keep], subject[keep]
-        rel = explain_batch(model, comps, ids, pos, pred)
+        # equal-length unpadded batch: one attribute() pass per method explains all samples
+        rel = explain_batch(model, ids, pos, pred, METHODS[:-1], comps)
         truth = torch.nn.functional.one_hot(subject, length).bool()
         valid = (ids != CLS) & (ids != SEP) & (ids != MASK)
         for m in METHODS[:-1]:
-            scores[m].append(token_metrics(rel[m], truth, valid))
+            scores[m].append(metrics.token_metrics(rel[m], truth, valid))
         for v in comps:
             conservation[v].append(rel[v].sum(-1) / rel[v + ":delta"])
         draws = torch.rand((RANDOM_DRAWS, *ids.shape), generator=gen, dtype=torch.float64) * 2 - 1
-        rnd = token_metrics(draws.flatten(0, 1), truth.repeat(RANDOM_DRAWS, 1),
-                            valid.repeat(RANDOM_DRAWS, 1))
+        rnd = metrics.token_metrics(draws.flatten(0, 1), truth.repeat(RANDOM_DRAWS, 1),
+                                    valid.repeat(RANDOM_DRAWS, 1))
         scores["random"].append({k: v.view(RANDOM_DRAWS, -1) for k, v in rnd.items()})
     bar.close()
-    metrics: dict[str, Any] = {}
+    results: dict[str, Any] = {}
     for m in METHODS[:-1]:
-        metrics[m] = {k: float(torch.cat([s[k] for s in scores[m]]).mean()) for k in METRICS}
+        results[m] = {k: float(torch.cat([s[k] for s in scores[m]]).mean()) for k in METRICS}
     per_draw = {k: torch.cat([s[k] for s in scores["random"]], dim=1).mean(1) for k in METRICS}
-    metrics["random"] = {k: float(v.mean()) for k, v in per_draw.items()}
-    metrics["random_std"] = {k: float(v.std()) for k, v in per_draw.items()}
+    results["random"] = {k: float(v.mean()) for k, v in per_draw.items()}
+    results["random_std"] = {k: float(v.std()) for k, v in per_draw.items()}
     return dict(accuracy=n_correct / len(test), n_test=len(test), n_explained=n_correct,
-                metrics=metrics,
+                metrics=results,
                 relevance_sum_over_delta={v: float(torch.cat(c).median())
                                           for v, c in conservation.items()})
 
@@ -354,28 +168,28 @@ def load_minilm() -> tuple[Any, torch.nn.Module]:
 
 def similarity_relevance(model: torch.nn.Module, comps: dict[str, Any], ids_a: Tensor,
                          ids_b: Tensor) -> dict[str, Tensor]:
-    """Per-token relevance of sentence A ``[tokens]`` for ``cos(mean(h_A), mean(h_B))``."""
-    embed = model.get_input_embeddings()
-    xa, xb = embed(ids_a[None]).detach(), embed(ids_b[None]).detach()
+    """Per-token relevance of sentence A ``[tokens]`` for ``cos(mean(h_A), mean(h_B))``: one
+    :func:`~lrp_explicit.pipeline.attribute` pass over both sentences per composite, and one
+    plain-gradient pass for Gradient and Gradient×Input."""
 
-    def run(post: Callable[[], Any]) -> tuple[Tensor, Tensor]:
-        la, lb = xa.clone().requires_grad_(), xb.clone().requires_grad_()
-        ha = model(inputs_embeds=la).last_hidden_state
-        hb = model(inputs_embeds=lb).last_hidden_state
-        with post():
+    def similarity(plain: bool):
+        def target(outputs: list[Any]) -> Target:
+            ha, hb = (out.last_hidden_state for out in outputs)
             y = cosine(mean_pool(ha, None), mean_pool(hb, None))
-        return la, y
+            return Target(y, torch.ones_like(y) if plain else y.detach())
+        return target
+
+    def pair():
+        return [prepare(model, ids_a[None]), prepare(model, ids_b[None])]
 
     out = {}
-    leaf, y = run(contextlib.nullcontext)
-    y.sum().backward()
-    out["gradient"] = leaf.grad[0].norm(dim=-1)
-    out["gxi"] = (leaf.grad[0] * xa[0]).sum(-1)
+    items = pair()
+    grad = attribute(model, items, similarity(True), None).relevance["inputs_embeds"][0]
+    out["gradient"] = grad.norm(dim=-1)
+    out["gxi"] = (grad * items[0].leaf.detach()[0]).sum(-1)
     for name, comp in comps.items():
-        with comp.context(model):
-            leaf, y = run(comp.op_rules)
-            y.backward(y.detach())
-        out[name] = leaf.grad[0].sum(-1)
+        result = attribute(model, pair(), similarity(False), comp)
+        out[name] = result.relevance["inputs_embeds"][0].sum(-1)
     return out
 
 
@@ -389,13 +203,8 @@ def deletion_curves(model: torch.nn.Module, ids: Tensor, v: Tensor, orders: Tens
     ``0 .. n-1`` (the content tokens). The unperturbed (``k = 0``) and the fully deleted
     (``k = n``) sentence are the same for every order and run once."""
     n_orders, n = orders.shape
-    ranks = torch.empty_like(orders).scatter_(1, orders, torch.arange(n).expand_as(orders))
-    deleted = ranks[:, None, :] < torch.arange(1, n)[None, :, None]  # [orders, k=1..n-1, n]
-    variants = ids.repeat(n_orders, n - 1, 1)
-    variants[..., 1:n + 1] = torch.where(deleted, mask_id, variants[..., 1:n + 1])
-    full = ids.clone()
-    full[1:n + 1] = mask_id
-    batch = torch.cat([ids[None], full[None], variants.flatten(0, 1)])
+    variants = metrics.deleted_inputs(ids, orders, mask_id, offset=1)  # [orders, n + 1, len]
+    batch = torch.cat([variants[0, :1], variants[0, n:], variants[:, 1:n].flatten(0, 1)])
     sims = torch.cat([cosine(mean_pool(model(input_ids=part).last_hidden_state, None), v)
                       for part in batch.split(chunk)])
     middle = sims[2:].view(n_orders, n - 1)
@@ -417,17 +226,15 @@ def evaluate_deletion(n_pairs: int, seed: int) -> dict[str, Any]:
         ids_b = tokenizer(b, return_tensors="pt").input_ids[0]
         rel = similarity_relevance(model, comps, ids_a, ids_b)
         n = len(ids_a) - 2  # content tokens: no [CLS], no [SEP]
-        morf = torch.stack([rel[m][1:-1].argsort(dim=-1, descending=True, stable=True)
-                            for m in METHODS[:-1]])
+        morf = torch.stack([metrics.deletion_order(rel[m][1:-1]) for m in METHODS[:-1]])
         shuffled = torch.stack([torch.randperm(n, generator=gen) for _ in range(RANDOM_DRAWS)])
         orders = torch.cat([morf, morf.flip(-1), shuffled, shuffled.flip(-1)])
         with torch.no_grad():
             v = mean_pool(model(input_ids=ids_b[None]).last_hidden_state, None)
-        sims = deletion_curves(model, ids_a, v, orders, tokenizer.mask_token_id).numpy()
+        sims = deletion_curves(model, ids_a, v, orders, tokenizer.mask_token_id)
         base.append(float(sims[0, 0]))
-        fractions = np.arange(n + 1) / n
-        area = np.trapezoid(sims, fractions, axis=-1)
-        grid = np.stack([np.interp(GRID, fractions, s) for s in sims])
+        area = metrics.deletion_auc(sims.double()).numpy()
+        grid = metrics.curve_on_grid(sims.double(), torch.from_numpy(GRID)).numpy()
         k = len(METHODS) - 1
         for i, m in enumerate(METHODS[:-1]):
             for j, d in enumerate(("morf", "lerf")):

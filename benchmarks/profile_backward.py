@@ -8,6 +8,10 @@ The table says where the explicit rules pay more than the fused plain backward, 
 more figures per method: the activations the autograd graph keeps for the backward (distinct
 storages, parameters excluded) and the minor page faults of one call.
 
+This script is a profiler, not an entry point: it runs the forward and the backward pass by
+hand (not through :func:`lrp_explicit.pipeline.attribute`, as :mod:`speed` does) because it
+times them apart and walks the autograd graph between them.
+
     python benchmarks/profile_backward.py                    # results/speed_profile.{json,md}
     python benchmarks/profile_backward.py --model llama-60m --seq 128
 """

@@ -8,9 +8,12 @@ Methods, measured in one process on the same model object, weights and inputs:
   patched non-linearities and one plain backward);
 - ``attnlrp`` / ``cp-lrp``: lrp_explicit's composites.
 
-What is timed is the explanation itself (embedding lookup, forward, backward, relevance): the
-composites are registered and the modified-G×I patches applied right before each timed call and
-removed right after it, outside the timer; ``register()``/``remove()`` are timed on their own.
+What is timed is the explanation itself (embedding lookup, forward, backward, relevance), for
+every method one pass of :func:`lrp_explicit.pipeline.attribute` (``composite=None`` for the
+gradients): the composites are registered and the modified-G×I patches applied right before
+each timed call and removed right after it, outside the timer (``attribute`` uses a composite
+the model carries without registering it again); ``register()``/``remove()`` are timed on
+their own.
 
 Time: median of ``repeats`` warm calls per method (fixed per case, so a run always measures the
 same thing). The methods are interleaved round by round, each round in a rotated order, so that
@@ -33,7 +36,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -51,6 +53,7 @@ import torch
 
 import lrp_explicit
 import mgxi
+from lrp_explicit.pipeline import Prepared, Target, attribute
 
 METHODS = ["forward", "ixg", "mgxi", "attnlrp", "cp-lrp"]
 LABELS = {"forward": "forward", "ixg": "Input×Gradient", "mgxi": "modified G×I",
@@ -147,49 +150,56 @@ class Method:
 def make_method(model: torch.nn.Module, family: str, method: str, ids: torch.Tensor,
                 composites: dict) -> Method:
     """``method`` on ``model``: ``run()`` explains one prediction and returns the per-token
-    relevance (``None`` for the forward pass)."""
+    relevance (``None`` for the forward pass).
+
+    Every explanation is one :func:`lrp_explicit.pipeline.attribute` pass: Input×Gradient and
+    modified G×I (under the :func:`mgxi.modified_gxi` patches) with ``composite=None`` and the
+    initial relevance 1 (a plain gradient, times the input), AttnLRP / CP-LRP with their
+    composite, registered by ``enter()`` outside the timer (``attribute`` then uses it as it is,
+    without registering it again) and initialised with the logit. What ``attribute`` adds to
+    a plain ``y.backward()`` is the same for every method and small next to the passes: a walk
+    over the modules (no module is recorded), a hook on the input leaf and a copy of its
+    gradient.
+    """
     embed = model.get_input_embeddings()
     kwargs = {"logits_to_keep": 1} if family in ("llama", "gpt2") else {}
     position = -1 if family in ("llama", "gpt2") else ids.shape[1] // 2
     target = 1
 
-    def score(x):
-        return model(inputs_embeds=x, **kwargs).logits[0, position, target]
-
-    def leaf():
+    def prepared() -> Prepared:
+        """The embedded input as the explained leaf (built here rather than by ``prepare()``,
+        which would also check the ids and spell the tokens inside the timer)."""
         with torch.no_grad():
             e = embed(ids)
-        return e.requires_grad_(method != "forward")
+        return Prepared({"inputs_embeds": e.requires_grad_(method != "forward")}, dict(kwargs))
+
+    def logit(plain: bool) -> Callable[[Any], Target]:
+        def fn(output: Any) -> Target:
+            y = output.logits[0, position, target]
+            return Target(y, torch.ones_like(y) if plain else y.detach())
+        return fn
 
     if method == "forward":
         def run():
-            x = leaf()
+            item = prepared()
             with torch.no_grad():
-                score(x)
+                item.run(model)
             return None
         return Method(run)
-    if method == "ixg":
+    if method in ("ixg", "mgxi"):
         def run():
-            x = leaf()
-            score(x).backward()
-            return (x * x.grad).detach().sum(-1)
-        return Method(run)
-    if method == "mgxi":
+            item = prepared()
+            grad = attribute(model, item, logit(True), None).relevance["inputs_embeds"]
+            return (grad * item.leaf.detach()).sum(-1)
+        if method == "ixg":
+            return Method(run)
         stack = ExitStack()
-
-        def run():
-            x = leaf()
-            score(x).backward()
-            return mgxi.relevance(x).detach().sum(-1)
         return Method(run, lambda: stack.enter_context(mgxi.modified_gxi(model, "attnlrp")),
                       stack.close)
     comp = composites[method]
 
     def run():
-        x = leaf()
-        y = score(x)
-        y.backward(y.detach())
-        return x.grad.sum(-1)
+        return attribute(model, prepared(), logit(False), comp).relevance["inputs_embeds"].sum(-1)
     return Method(run, lambda: comp.register(model), comp.remove)
 
 

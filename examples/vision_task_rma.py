@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from lrp_explicit import vision_task as vt
+from lrp_explicit.evaluation import vision as vt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     table = vt.evaluate(model, n=args.n, seed=args.seed, progress=True)
     accuracy = table.pop("accuracy")["rma"]
     print(f"model accuracy on the {args.n} images: {accuracy:.1%}")
-    print(f"| method | relevance mass accuracy (mean ± s.e.m.) | median |")
+    print("| method | relevance mass accuracy (mean ± s.e.m.) | median |")
     print("|---|---|---|")
     for name, row in table.items():
         label = "random heatmap (baseline)" if name == "random" else name

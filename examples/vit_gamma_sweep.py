@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 import lrp_explicit
-from lrp_explicit import vision_task as vt
+from lrp_explicit.evaluation import vision as vt
+from lrp_explicit.pipeline import output_target
 
 
 def parse_gammas(text: str) -> list[float]:
@@ -84,12 +85,10 @@ def heatmap(model: nn.Module, x: torch.Tensor, target: int, composite: str,
             conv_gamma: float, linear_gamma: float) -> torch.Tensor:
     """Relevance of the (normalised) input ``x`` for logit ``target``, summed over channels."""
     zen = vt.gamma_composite(conv_gamma, linear_gamma)
-    comp = lrp_explicit.composites.get(composite, model, zennit=zen)
-    with comp.context(model):
-        x = x.detach().clone().requires_grad_(True)
-        y = model(x)[0, target]
-        y.backward(y.detach())
-    return x.grad[0].sum(0).detach()
+    comp = lrp_explicit.pipeline.resolve_composite(composite, model, zennit=zen)
+    result = lrp_explicit.attribute(model, lrp_explicit.pipeline.prepare(model, x),
+                                    lambda out: output_target(out, (0, target)), comp)
+    return result.relevance["input"][0].sum(0).detach()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,7 +89,7 @@ def test_modified_gxi_yardstick_equals_the_explicit_rules(variant, monkeypatch):
         with mgxi.modified_gxi(model, variant):  # Gradient×Input of the patched model
             leaf = x.clone().requires_grad_()
             model(inputs_embeds=leaf, **kwargs).logits[0, position, 1].backward()
-            reference = mgxi.relevance(leaf).sum(-1)
+            reference = mgxi.relevance(leaf).sum(-1).detach()
         with comp.context(model):  # the explicit rules: relevance initialised with the logit
             leaf = x.clone().requires_grad_()
             y = model(inputs_embeds=leaf, **kwargs).logits[0, position, 1]
