@@ -42,6 +42,12 @@ def test_speed_quick(tmp_path):
     assert "registration" in results["cases"][0]
     assert "| llama-tiny |" in (tmp_path / "speed.md").read_text()
     assert has_png(tmp_path / "speed.png")
+    # the batch case: one explain() call, its modified G×I, one call per sample
+    (batch,) = results["batches"]
+    assert set(batch["time_s"]) == {"batch", "mgxi-batch", "singles"}
+    assert batch["batch_vs_singles_max_rel_diff"] < 1e-5
+    assert batch["agreement"]["attnlrp_vs_mgxi_pearson"] > 0.99
+    assert {"batch_target_holds", "speedup_target_holds"} <= set(results["verdicts"][-1])
 
 
 def test_profile_backward_runs(tmp_path):
