@@ -171,10 +171,21 @@ def _output_on_path(out: Any) -> bool:
     return False
 
 
+_T = torch.Tensor
+#: Attribute reads that the mode hands straight back (the bookkeeping of hooks and rules reads
+#: ``requires_grad`` and ``grad_fn`` of every tensor it sees).
+_METADATA = frozenset([_T.requires_grad.__get__, _T.grad_fn.__get__, _T.shape.__get__,
+                       _T.dtype.__get__, _T.device.__get__, _T.is_leaf.__get__,
+                       _T.ndim.__get__, _T.dim, _T.size, _T.numel, _T.is_floating_point,
+                       _T.is_contiguous, _T.stride, _T.__len__])
+
+
 class RuleMode(TorchFunctionMode):
     """Routes functional calls on the relevance path to the top frame's composite."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _METADATA:  # attribute reads: no relevance flows through them
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         frames = _state.frames
         composite = frames[-1].composite if frames else None
