@@ -11,11 +11,18 @@ while the packed in-projection (a parameter, not a module) keeps the ε-rule.
 from __future__ import annotations
 
 from .generic import module_rules
-from .variants import register_variants
+from .variants import register_variants, variant
 
-__all__ = ["FAMILY", "VISION_TRANSFORMER"]
+__all__ = ["FAMILY", "VISION_TRANSFORMER", "attnlrp", "cp_lrp"]
 
+#: The family name in the registry.
 FAMILY = "torchvision-vit"
+#: The model class that identifies the family (matched by name: torchvision is not imported).
 VISION_TRANSFORMER = "torchvision.models.vision_transformer.VisionTransformer"
+
+#: AttnLRP for torchvision's ``VisionTransformer``.
+attnlrp = variant(FAMILY, False, module_rules)
+#: CP-LRP for torchvision's ``VisionTransformer`` (attention weights held constant).
+cp_lrp = variant(FAMILY, True, module_rules)
 
 register_variants(FAMILY, module_rules, model_classes=[VISION_TRANSFORMER])
