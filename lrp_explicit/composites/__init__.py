@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..errors import CompositeError, UnknownModelError
 from .base import Composite, carrier
 from .registry import GENERIC, available, family_of, get, normalise_name, register, unregister
+from .wrappers import unwrap
 
 # importing a family module registers its composites
 from . import generic  # noqa: F401  (first: the fallback family)
@@ -22,4 +23,5 @@ from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qw
 from . import torchvision_vit, vit  # noqa: F401
 
 __all__ = ["Composite", "CompositeError", "get", "register", "unregister", "available",
-           "family_of", "carrier", "UnknownModelError", "GENERIC", "normalise_name"]
+           "family_of", "carrier", "UnknownModelError", "GENERIC", "normalise_name",
+           "unwrap"]

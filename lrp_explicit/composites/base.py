@@ -139,11 +139,18 @@ class Composite:
         activated for this model's forward only. A zennit composite given as ``zennit=`` is
         registered first; the modules it hooks keep their zennit rules and get none of ours.
 
+        All or nothing: every reason to refuse is checked before anything changes, and a
+        registration that fails half-way (also by an interrupt) is undone.
+
         Raises
         ------
         CompositeError
-            If ``model`` already carries a composite, this composite is registered elsewhere,
-            or the zennit composite is already registered on a model.
+            If ``model`` already carries a composite, a module of it belongs to another
+            registered composite (a registered submodule, or a registered model it is part
+            of), this composite is registered elsewhere, the zennit composite is already
+            registered on a model, or the model holds tensors the rules cannot compute on
+            (inference tensors, tensors on the meta device such as weights offloaded by
+            accelerate).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"register() needs an nn.Module, got {type(model).__name__}")
@@ -161,6 +168,16 @@ class Composite:
             if other is not None:
                 raise CompositeError(
                     f"{type(model).__name__} already carries {other!r}; remove it first")
+            taken = dispatch.owner(model)
+            if taken is not None:
+                name, owner = taken
+                what = type(model).__name__
+                host = type(getattr(owner, "model", None)).__name__
+                raise CompositeError(
+                    f"{what} is part of {host}, which carries {owner!r}; remove that composite "
+                    "first" if not name else
+                    f"module {name!r} of {what} carries {owner!r}; remove that composite first")
+            _check_tensors(model)
             _carriers[id(model)] = self
             self.model = model
         try:
@@ -172,9 +189,10 @@ class Composite:
 
     def _bind(self, model: nn.Module) -> None:
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        self._undo.append(lambda: [p.requires_grad_(f) for p, f in flags])
+        self._undo.append(lambda: _each(flags, lambda p, f: p.requires_grad_(f)))
         modes = [(m, m.training) for m in model.modules()]
-        self._undo.append(lambda: [m.train(t) if m.training != t else None for m, t in modes])
+        self._undo.append(lambda: _each(modes, lambda m, t: m.train(t) if m.training != t
+                                        else None))
         for p, _ in flags:
             p.requires_grad_(False)
         self.zennit_modules = set()
@@ -244,15 +262,35 @@ class Composite:
 
     def remove(self) -> None:
         """Undo :meth:`register`: the very same module objects, ``requires_grad`` flags and
-        train/eval modes are restored and no hook or mode is left behind."""
+        train/eval modes are restored and no hook or mode is left behind.
+
+        Every undo step runs, even when one of them fails or an interrupt arrives; this
+        thread's frames of the composite left by an interrupted forward are dropped. The
+        first failure is raised at the end (an interrupt as it is).
+        """
         if self.model is None:
+            dispatch.drop(self)
             return
-        while self._undo:
-            self._undo.pop()()
-        self.zennit_modules = set()
-        with _carriers_lock:
-            _carriers.pop(id(self.model), None)
-            self.model = None
+        failures: list[BaseException] = []
+        try:
+            while self._undo:
+                step = self._undo.pop()
+                try:
+                    step()
+                except BaseException as err:  # noqa: B902 - finish the others, then raise
+                    failures.append(err)
+        finally:
+            dispatch.unbind(self)  # idempotent: also when its own undo step did not run
+            self.zennit_modules = set()
+            with _carriers_lock:
+                _carriers.pop(id(self.model), None)
+                self.model = None
+        if failures:
+            first = failures[0]
+            if not isinstance(first, Exception):
+                raise first
+            raise CompositeError(f"remove() could not undo {len(failures)} step(s) of "
+                                 f"{self!r}: {first}") from first
 
     @contextlib.contextmanager
     def context(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -270,11 +308,12 @@ class Composite:
         Use it for post-processing that is part of the explained function, e.g. pooling and a
         cosine similarity computed on the model's outputs.
         """
+        mark = dispatch.depth()
         dispatch.enter(self, label)
         try:
             yield
         finally:
-            dispatch.leave()
+            dispatch.unwind(mark)  # the frame of ``enter`` and any left above it
 
     # ------------------------------------------------------------------ unruled ops
 
@@ -290,6 +329,45 @@ class Composite:
                 f"({self.name}, strict mode)")
         if first:
             dispatch.warn_unruled(op, path)
+
+
+def _each(pairs: list, step: Callable[[Any, Any], Any]) -> None:
+    """``step`` on every pair, also after one fails; the first failure is raised at the end."""
+    failure: BaseException | None = None
+    for a, b in pairs:
+        try:
+            step(a, b)
+        except BaseException as err:  # noqa: B902 - finish the others, then raise
+            failure = failure or err
+    if failure is not None:
+        raise failure
+
+
+def _check_tensors(model: nn.Module) -> None:
+    """Refuse models whose tensors the rules cannot compute on, naming the first one.
+
+    Inference parameters cannot take part in a graph that the backward pass needs;
+    inference buffers (rotary frequencies, position ids) only feed constants and are fine.
+    """
+    for kind, named in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                hooked = any(hasattr(m, "_hf_hook") for m in model.modules())
+                why = ("offloaded by accelerate (device_map with 'disk' or 'cpu' offload); its "
+                       "hook would load it for the module's own forward, but the LRP rules "
+                       "compute on the weights directly" if hooked else "not loaded")
+                raise CompositeError(
+                    f"{type(model).__name__}: {kind} {name!r} is on the meta device ({why}); "
+                    "the rules would compute on a tensor without data. Load the model with all "
+                    "weights on one device (no offloading) to explain it")
+            if kind == "parameter" and tensor.is_inference():
+                raise CompositeError(
+                    f"{type(model).__name__}: {kind} {name!r} is an inference tensor (the model "
+                    "was created or loaded under torch.inference_mode()); LRP needs autograd. "
+                    "Create the model outside inference_mode, or give it ordinary tensors: "
+                    "model.load_state_dict({k: v.clone() for k, v in "
+                    "model.state_dict().items()}, assign=True)")
 
 
 def carrier(model: nn.Module) -> Composite | None:

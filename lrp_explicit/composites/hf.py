@@ -17,6 +17,7 @@ from torch import nn
 from .. import rules
 from .generic import ACTIVATIONS
 from .variants import ModuleRules, register_variants
+from .wrappers import hf_models, unwrap
 
 __all__ = ["base_rules", "register_family", "norm_rules", "check_experts_implementation"]
 
@@ -51,7 +52,9 @@ SUPPORTED_EXPERTS = ("eager", "grouped_mm", "batched_mm")
 def check_experts_implementation(model: nn.Module) -> None:
     """Refuse Mixture-of-Experts implementations whose kernels the rules cannot see
     (``"deepgemm"``, ``"sonicmoe"``): they would give silently wrong relevance."""
-    implementation = getattr(model.config, "_experts_implementation", None) or "eager"
+    configs = [m.config for _, m in hf_models(unwrap(model))] or [getattr(model, "config", None)]
+    implementation = next((c._experts_implementation for c in configs
+                           if getattr(c, "_experts_implementation", None)), None) or "eager"
     if implementation not in SUPPORTED_EXPERTS:
         raise NotImplementedError(
             f"experts implementation {implementation!r} runs in kernels the LRP rules cannot "

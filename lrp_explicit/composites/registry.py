@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import UnknownModelError
 from .base import Composite
+from .wrappers import hf_models, model_type as _own_model_type, unwrap
 
 __all__ = ["GENERIC", "normalise_name", "register", "unregister", "available", "family_of", "get"]
 
@@ -96,12 +97,31 @@ def family_of(model: nn.Module) -> str:
     """The family of ``model``: by ``config.model_type``, then by module classes; a model
     without a Hugging Face config is ``"generic"``.
 
+    Wrappers are looked through: ``DataParallel``, ``DistributedDataParallel``, compiled
+    modules and PEFT models take the family of the model they run, and any other module that
+    holds Hugging Face models (a user's wrapper) takes theirs.
+
     Raises
     ------
     UnknownModelError
-        For a Hugging Face model whose type no family claims.
+        For a Hugging Face model whose type no family claims, and for a wrapper holding Hugging
+        Face models of several families (the message names them; pass ``family=``).
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    what = type(model).__name__
+    inner = unwrap(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if model_type is None:
+        found = hf_models(inner)
+        kinds = sorted({_own_model_type(m) for _, m in found})
+        if len(kinds) > 1:
+            listed = ", ".join(f"{type(m).__name__} at {n!r} ({_own_model_type(m)})"
+                               for n, m in found)
+            raise UnknownModelError(
+                f"{what} holds Hugging Face models of several families ({listed}); pass "
+                "family= to choose the composite family, or explain the inner model")
+        if kinds:
+            model_type = kinds[0]
+            what = f"{type(found[0][1]).__name__} inside {what}"
     if model_type is not None:
         for name, fam in _families.items():
             if model_type in fam.model_types:
@@ -115,7 +135,7 @@ def family_of(model: nn.Module) -> str:
     families = ", ".join(sorted(f for f in _families if f != GENERIC)) or "none yet"
     raise UnknownModelError(
         f"no composite family is registered for model type {model_type!r} "
-        f"({type(model).__name__}); registered families: {families}. "
+        f"({what}); registered families: {families}. "
         f"Try the generic composites with get(name, model, family='generic'), or register "
         "your own with lrp_explicit.composites.register(name, factory, family=..., "
         f"model_types=[{model_type!r}]).")

@@ -8,13 +8,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..composites import Composite
+from ..composites import Composite, unwrap
 from ..pipeline import (SOFTMAX, Prepared, Target, attribute, check_finite, collate, embed,
                         main_output, make_leaf, per_sample, prepare, resolve_composite,
                         split_batch, task_of)
 from ..pipeline import progress as show_progress
-from ..pipeline.targets import (class_id, class_name, explained_row, logit_relevance,
-                                resolve_ids, token_ids, token_name)
+from ..pipeline.inputs import check_length
+from ..pipeline.targets import (check_position, class_id, class_name, explained_row,
+                                logit_relevance, plain_spec, resolve_ids, token_ids, token_name)
 from ..tokens import clean_tokens
 from .result import Explanation
 
@@ -94,6 +95,8 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         raise TypeError(f"explain() needs an nn.Module, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    position = check_position(position)
+    target, contrast = plain_spec(target), plain_spec(contrast)
     task = task_of(model)
     comp = resolve_composite(composite, model)  # looked up once; an unknown name fails first
     samples = split_batch(inputs, task)
@@ -118,12 +121,14 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
 
 
 def _model_name(model: nn.Module) -> str:
+    model = unwrap(model)
     config = getattr(model, "config", None)
     path = str(getattr(config, "_name_or_path", "") or "")
     return path.rstrip("/").split("/")[-1] or type(model).__name__
 
 
 def _vocabulary(model: nn.Module) -> int:
+    model = unwrap(model)
     head = getattr(model, "get_output_embeddings", lambda: None)()
     weight = getattr(head, "weight", None)
     if isinstance(weight, Tensor):
@@ -143,6 +148,7 @@ class _Sample:
 
 def _sample(model: nn.Module, inp: Any, target: Any, contrast: Any, tokenizer: Any,
             task: str | None) -> _Sample:
+    target, contrast = plain_spec(target), plain_spec(contrast)
     item = prepare(model, inp, tokenizer, task)
     if task == "causal-lm" and target is not None and not isinstance(target, int):
         ids = resolve_ids(target, task, _vocabulary(model), tokenizer, None, 0)
@@ -174,7 +180,7 @@ def _explain_chunk(model: nn.Module, inputs: list[Any], targets: list[Any],
 def _explain_samples(model: nn.Module, samples: list[_Sample], batch: Prepared,
                      comp: Composite, tokenizer: Any, task: str | None, position: int | None,
                      record: Sequence[str]) -> list[Explanation]:
-    config = getattr(model, "config", None)
+    config = getattr(unwrap(model), "config", None)
     lengths = batch.lengths
     resolve = _logit_targets(samples, lengths, task, tokenizer, config, position)
     result = attribute(model, batch, resolve, comp, record=record)
@@ -331,6 +337,7 @@ def _extend(model: nn.Module, item: Prepared, ids: list[int], tokenizer: Any) ->
     if item.ids is None:
         raise ValueError("a continuation needs the input as text or token ids")
     extra = torch.tensor([ids])
+    check_length(model, item.leaf.shape[1] + len(ids), "the input with its continuation")
     x = embed(model, extra)
     leaf = make_leaf(torch.cat([item.leaf.detach(), x.to(item.leaf.device)], dim=1))
     kwargs = dict(item.kwargs)

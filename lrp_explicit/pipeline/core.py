@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import composites
+from .. import composites, dispatch
 from ..composites import Composite, carrier
 from ..errors import CompositeError, UnknownCompositeError
 from ..rules import Rule
@@ -133,10 +133,39 @@ class Recorder:
         self._pending: list[tuple[str, Tensor]] = []
         self._handles: list[Any] = []
 
-    def _wants(self, name: str, module: nn.Module) -> bool:
+    def _matches(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The modules to hook (not those inside a rule wrapper); raises if a pattern matches
+        none."""
+        inside: set[int] = set()
+        chosen: list[tuple[str, nn.Module]] = []
+        used: set[int] = set()
+        for name, module in model.named_modules():
+            if id(module) in inside:
+                continue
+            if isinstance(module, Rule):
+                inside.update(id(m) for m in module.modules() if m is not module)
+            if not name:
+                continue
+            hits = [i for i, p in enumerate(self.patterns) if self._wants_one(p, name, module)]
+            if hits:
+                used.update(hits)
+                chosen.append((name, module))
+        unmatched = [p if isinstance(p, str) else p.__name__
+                     for i, p in enumerate(self.patterns) if i not in used]
+        if unmatched:
+            raise ValueError(f"record={unmatched!r} matches no module of {type(model).__name__}")
+        return chosen
+
+    @staticmethod
+    def _wants_one(pattern: str | type, name: str, module: nn.Module) -> bool:
         original = module.module if isinstance(module, Rule) else module
-        return any(fnmatch.fnmatchcase(name, p) if isinstance(p, str) else isinstance(original, p)
-                   for p in self.patterns)
+        return fnmatch.fnmatchcase(name, pattern) if isinstance(pattern, str) \
+            else isinstance(original, pattern)
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` if a pattern matches no module of ``model`` (as
+        :meth:`install` does, without hooking anything)."""
+        self._matches(model)
 
     def install(self, model: nn.Module) -> None:
         """Hook the matching modules of ``model`` (not those inside a rule wrapper).
@@ -144,19 +173,10 @@ class Recorder:
         Raises
         ------
         ValueError
-            When patterns are given and no module matches.
+            When a pattern matches no module (the message names the patterns).
         """
-        inside: set[int] = set()
-        for name, module in model.named_modules():
-            if id(module) in inside:
-                continue
-            if isinstance(module, Rule):
-                inside.update(id(m) for m in module.modules() if m is not module)
-            if name and self._wants(name, module):
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        if self.patterns and not self._handles:
-            shown = [p if isinstance(p, str) else p.__name__ for p in self.patterns]
-            raise ValueError(f"record={shown!r} matches no module of {type(model).__name__}")
+        for name, module in self._matches(model):
+            self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str) -> Callable[..., None]:
         calls = [0]
@@ -271,6 +291,7 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
     watchers = [recorder, *observers]
     installed: list[Any] = []
     registered = composite is not None and owner is None
+    mark = dispatch.depth()
     if registered:
         composite.register(model)
     try:
@@ -304,13 +325,32 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
                     handle.remove()
         latent = recorder.finish()
     finally:
-        for watcher in reversed(installed):
-            watcher.remove()
-        if registered:
-            composite.remove()
+        # Runs on every exit, an interrupt included (PyTorch's always-call module hooks run
+        # only for an Exception): frames an interrupted forward left go first, then the hooks,
+        # then the composite; each step runs even if one before it fails.
+        try:
+            dispatch.unwind(mark)
+        finally:
+            try:
+                _remove_all(reversed(installed))
+            finally:
+                if registered:
+                    composite.remove()
     relevances = [{k: (sum(v[1:], v[0]) if v else None) for k, v in box.items()} for box in grads]
     unruled = Counter(composite.unruled) - before if composite is not None else Counter()
     return Attribution(relevances, latent, output, explained, composite, unruled)
+
+
+def _remove_all(watchers: Iterable[Observer]) -> None:
+    """Remove every watcher, also after one fails; the first failure is raised at the end."""
+    failure: BaseException | None = None
+    for watcher in watchers:
+        try:
+            watcher.remove()
+        except BaseException as err:  # noqa: B902 - remove the others, then raise
+            failure = failure or err
+    if failure is not None:
+        raise failure
 
 
 def _as_target(value: Any) -> Target:

@@ -3,6 +3,7 @@ input turned into model arguments with leaves that require grad (:class:`Prepare
 from __future__ import annotations
 
 import inspect
+import numbers
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -10,8 +11,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..composites.wrappers import unwrap
+from ..errors import InputError
+
 __all__ = ["TASKS", "task_of", "Prepared", "prepare", "make_leaf", "embed", "split_batch",
-           "collate", "per_sample", "progress"]
+           "collate", "per_sample", "progress", "max_length", "check_length", "InputError"]
 
 #: Tasks :func:`lrp_explicit.explain` knows; :func:`task_of` picks one from the model's head.
 TASKS = ("causal-lm", "masked-lm", "classification", "token-classification",
@@ -28,7 +32,9 @@ def task_of(model: nn.Module) -> str | None:
     """The task of a Hugging Face head (by class name: ``…ForCausalLM``, ``…ForMaskedLM``, …);
     ``"similarity"`` for a Hugging Face base model with a vocabulary (a sentence encoder);
     ``None`` for other models (decided by the output's shape: ``(batch, classes)`` is a
-    classification, ``(batch, tokens, classes)`` a per-position one)."""
+    classification, ``(batch, tokens, classes)`` a per-position one). Transparent wrappers
+    (``DataParallel``, ``torch.compile``, PEFT) have the task of the model inside."""
+    model = unwrap(model)
     name = type(model).__name__
     for task, suffixes in _SUFFIXES.items():
         if name.endswith(suffixes):
@@ -106,7 +112,7 @@ def _is_text(obj: Any) -> bool:
 
 def _accepts(model: nn.Module, name: str) -> bool:
     try:
-        return name in inspect.signature(model.forward).parameters
+        return name in inspect.signature(unwrap(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -122,10 +128,66 @@ def make_leaf(x: Tensor, device: torch.device | str | None = None) -> Tensor:
     ------
     TypeError
         For an integer or boolean tensor (explain from embeddings or pixels).
+    InputError
+        For a tensor on the meta device (it holds no values).
     """
     if not x.is_floating_point():
         raise TypeError(f"cannot explain a {x.dtype} tensor; pass embeddings or pixel values")
+    _check_data(x, "inputs")
     return x.detach().to(device if device is not None else x.device).clone().requires_grad_(True)
+
+
+def _check_data(x: Any, what: str) -> None:
+    if isinstance(x, Tensor) and x.is_meta:
+        raise InputError(f"{what} is on the meta device: it holds no values to explain; pass "
+                         "a tensor with data (on the model's device)")
+
+
+def max_length(model: nn.Module) -> int | None:
+    """The most tokens ``model`` takes: the size of its learned absolute position embeddings
+    (BERT's ``position_embeddings``, GPT-2's ``wpe``; RoBERTa's start after the padding index),
+    or ``None`` for models without them (rotary and relative positions)."""
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, nn.Embedding) and name.endswith(("position_embeddings", "wpe")):
+            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            return module.num_embeddings - offset
+    return None
+
+
+def check_length(model: nn.Module, length: int, what: str = "inputs") -> None:
+    """Refuse ``length`` tokens for a model whose position embeddings end before.
+
+    Raises
+    ------
+    InputError
+        Naming ``what``, the length and the model's maximum.
+    """
+    limit = max_length(model)
+    if limit is not None and length > limit:
+        raise InputError(f"{what} is {length} tokens long; {type(unwrap(model)).__name__} takes "
+                         f"at most {limit} (its position embeddings end there): shorten the "
+                         "input")
+
+
+def _check_mask(kwargs: Mapping[str, Any], shape: Sequence[int], what: str) -> None:
+    """``attention_mask`` must have one entry per token of the explained input."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise InputError(f"attention_mask must be a tensor, not {type(mask).__name__}")
+    _check_data(mask, "attention_mask")
+    if tuple(mask.shape) != tuple(shape):
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)} but {what} has "
+                         f"{tuple(shape)} (batch, tokens): it needs one entry per token")
+
+
+def _embedding_of(model: nn.Module) -> nn.Module | None:
+    get = getattr(unwrap(model), "get_input_embeddings", None)
+    try:
+        return get() if get is not None else None
+    except NotImplementedError:
+        return None
 
 
 def embed(model: nn.Module, ids: Tensor) -> Tensor:
@@ -134,20 +196,33 @@ def embed(model: nn.Module, ids: Tensor) -> Tensor:
     Raises
     ------
     TypeError
-        If ``model`` has no ``get_input_embeddings()``.
-    ValueError
-        For ids outside the vocabulary or an empty input.
+        If ``model`` has no ``get_input_embeddings()``, or for ids that are not integers.
+    InputError
+        For ids outside the vocabulary, an empty input, ids on the meta device or more tokens
+        than the model takes (a ``ValueError``).
     """
-    get = getattr(model, "get_input_embeddings", None)
-    if get is None or get() is None:
+    embedding = _embedding_of(model)
+    if embedding is None:
         raise TypeError("token ids need a model with get_input_embeddings(); pass embeddings "
                         "(float) instead")
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"input_ids must be a tensor of token ids, not {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"input_ids must be integer token ids, got a {ids.dtype} tensor "
+                        "(embeddings go in as inputs_embeds)")
+    _check_data(ids, "input_ids")
+    if ids.dim() > 2:
+        raise InputError(f"input_ids has shape {tuple(ids.shape)}; give (tokens) or (batch, "
+                         "tokens)")
     if ids.numel() == 0:
-        raise ValueError("the input has no tokens")
-    embedding = get()
+        raise InputError("input_ids has no tokens: the input is empty")
     size = getattr(embedding, "num_embeddings", None)
     if size is not None and (ids.min() < 0 or ids.max() >= size):
-        raise ValueError(f"token ids outside the vocabulary of {size}")
+        bad = sorted({int(i) for i in ids.flatten() if not 0 <= int(i) < size})
+        shown = ", ".join(map(str, bad[:5])) + (", …" if len(bad) > 5 else "")
+        raise InputError(f"input_ids holds token ids outside the vocabulary of {size} "
+                         f"({shown})")
+    check_length(model, ids.shape[-1], "input_ids")
     with torch.no_grad():
         return embedding(ids.to(_device(model)))
 
@@ -166,17 +241,58 @@ def _to(kwargs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _from_ids(model: nn.Module, ids: Tensor, kwargs: Mapping[str, Any],
               tokenizer: Any) -> Prepared:
-    ids = ids if ids.dim() == 2 else ids.reshape(1, -1)
+    ids = ids if not isinstance(ids, Tensor) or ids.dim() >= 2 else ids.reshape(1, -1)
     x = embed(model, ids)
+    kwargs = _batched_mask(kwargs, ids.shape[-1])
+    _check_mask(kwargs, ids.shape, "input_ids")
     rows = ids.tolist()
     tokens = [list(tokenizer.convert_ids_to_tokens(r)) if tokenizer is not None
               else [str(i) for i in r] for r in rows]
     return Prepared({"inputs_embeds": make_leaf(x)}, _to(kwargs, x.device), ids.cpu(), tokens)
 
 
+def _batched_mask(kwargs: Mapping[str, Any], length: int) -> Mapping[str, Any]:
+    """A one-sample ``(tokens,)`` attention mask as ``(1, tokens)``."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 1 and mask.shape[0] == length:
+        return {**kwargs, "attention_mask": mask[None]}
+    return kwargs
+
+
+def _check_embeds(model: nn.Module, x: Tensor, kwargs: Mapping[str, Any]) -> None:
+    """``inputs_embeds`` must be ``(batch, tokens, hidden)`` of the model's hidden size and
+    dtype, with a matching attention mask and no more tokens than the model takes."""
+    if x.dim() != 3:
+        raise InputError(f"inputs_embeds has shape {tuple(x.shape)}; give (tokens, hidden) or "
+                         "(batch, tokens, hidden)")
+    if x.shape[1] == 0:
+        raise InputError("inputs_embeds has no tokens: the input is empty")
+    embedding = _embedding_of(model)
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        hidden = weight.shape[1]
+        if x.shape[-1] != hidden:
+            raise InputError(f"inputs_embeds has hidden size {x.shape[-1]}, the model's "
+                             f"embeddings have {hidden}")
+        if weight.is_floating_point() and x.dtype != weight.dtype:
+            raise TypeError(f"inputs_embeds is {x.dtype} but the model computes in "
+                            f"{weight.dtype}: pass inputs_embeds.to({weight.dtype})")
+    check_length(model, x.shape[1], "inputs_embeds")
+    _check_mask(kwargs, x.shape[:2], "inputs_embeds")
+
+
 def _from_tensor(model: nn.Module, key: str, x: Tensor, kwargs: Mapping[str, Any]) -> Prepared:
+    _check_data(x, key)
     if key in ("inputs_embeds", "pixel_values"):
         x = x[None] if x.dim() == (2 if key == "inputs_embeds" else 3) else x
+    if x.numel() == 0:
+        raise InputError(f"{key} is empty")
+    if key == "inputs_embeds":
+        kwargs = _batched_mask(kwargs, x.shape[1])
+        _check_embeds(model, x, kwargs)
+    elif key == "pixel_values" and x.dim() != 4:
+        raise InputError(f"pixel_values has shape {tuple(x.shape)}; give (channels, height, "
+                         "width) or (batch, channels, height, width)")
     device = _device(model)
     leaf = make_leaf(x, device)
     image = _display(x[0]) if key == "pixel_values" else None
@@ -218,7 +334,7 @@ def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
         For inputs that cannot be explained (text without tokenizer, an empty text, integer
         tensors for a model without embeddings, a dict without explainable input …).
     """
-    hf = getattr(model, "config", None) is not None
+    hf = getattr(unwrap(model), "config", None) is not None
     if _is_text(inputs):
         if tokenizer is None:
             raise ValueError("text input needs a tokenizer: explain(model, text, tokenizer=...)")
@@ -235,12 +351,21 @@ def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
                              "tokenizer=processor)")
         pixels = tokenizer(images=inputs.convert("RGB"), return_tensors="pt")["pixel_values"]
         return _from_tensor(model, "pixel_values", pixels, {})
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, int) for i in inputs):
-        return _from_ids(model, torch.tensor([list(inputs)]), {}, tokenizer)
+    if isinstance(inputs, (list, tuple)) and inputs and all(_is_id(i) for i in inputs):
+        return _from_ids(model, torch.tensor([[int(i) for i in inputs]]), {}, tokenizer)
+    if isinstance(inputs, (list, tuple)) and not inputs:
+        raise InputError("inputs is empty: give text, token ids, embeddings or pixel values")
+    if isinstance(inputs, (list, tuple)) and all(isinstance(i, numbers.Number) for i in inputs):
+        bad = next(i for i in inputs if not _is_id(i))
+        raise TypeError(f"token ids must be integers, got {bad!r} ({type(bad).__name__}); "
+                        "embeddings go in as a float tensor")
     if isinstance(inputs, Tensor):
+        _check_data(inputs, "inputs")
         if not inputs.is_floating_point():
             return _from_ids(model, inputs, {}, tokenizer)
         if not hf:
+            if inputs.numel() == 0:
+                raise InputError("inputs is empty")
             return Prepared({POSITIONAL: make_leaf(inputs, _device(model))})
         key = "pixel_values" if task == "image-classification" or inputs.dim() == 4 \
             else "inputs_embeds"
@@ -254,7 +379,14 @@ def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
                     "taking the model, or a list")
 
 
+def _is_id(value: Any) -> bool:
+    """An int (also a numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _from_mapping(model: nn.Module, kwargs: dict[str, Any], tokenizer: Any) -> Prepared:
+    for key, value in kwargs.items():
+        _check_data(value, key)
     chosen = [k for k, v in kwargs.items() if isinstance(v, Tensor) and v.requires_grad]
     if not chosen and isinstance(kwargs.get("input_ids"), Tensor):
         return _from_ids(model, kwargs.pop("input_ids"), kwargs, tokenizer)
@@ -270,6 +402,8 @@ def _from_mapping(model: nn.Module, kwargs: dict[str, Any], tokenizer: Any) -> P
                          f"{sorted(kwargs)}")
     device = _device(model)
     leaves = {k: make_leaf(kwargs.pop(k), device) for k in chosen}
+    if "inputs_embeds" in leaves:
+        _check_embeds(model, leaves["inputs_embeds"], kwargs)
     return Prepared(leaves, _to(kwargs, device))
 
 
@@ -280,9 +414,12 @@ def split_batch(inputs: Any, task: str | None) -> list[Any] | None:
     larger than one and a dict whose tensors have one (each sample keeps only the positions
     its attention mask keeps).
     """
-    if isinstance(inputs, list) and not all(isinstance(i, int) for i in inputs):
+    if isinstance(inputs, list) and inputs \
+            and all(isinstance(i, numbers.Number) and not isinstance(i, bool) for i in inputs):
+        return None  # token ids (or numbers that are not: prepare() says so)
+    if isinstance(inputs, list):
         if not inputs:
-            raise ValueError("the batch is empty")
+            raise InputError("inputs is an empty list (a batch without samples)")
         return inputs
     if isinstance(inputs, Tensor):
         single = {True: 4, False: 3}[task == "image-classification" or inputs.dim() == 4] \
@@ -296,6 +433,10 @@ def split_batch(inputs: Any, task: str | None) -> list[Any] | None:
         if len(sizes) != 1 or next(iter(sizes)) <= 1:
             return None
         mask = inputs.get("attention_mask")
+        main = next((k for k in ("input_ids", "inputs_embeds") if isinstance(inputs.get(k),
+                                                                              Tensor)), None)
+        if main is not None:
+            _check_mask(inputs, inputs[main].shape[:2], main)
         out = []
         for b in range(next(iter(sizes))):
             keep = mask[b].bool() if isinstance(mask, Tensor) else None

@@ -9,6 +9,7 @@ contrast or the softmax-style initialisation.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
@@ -20,7 +21,7 @@ from .inputs import Prepared
 
 __all__ = ["Target", "TargetSpec", "SOFTMAX", "main_output", "tensors", "output_target",
            "logit_relevance", "token_ids", "class_id", "token_name", "class_name",
-           "explained_row", "resolve_ids"]
+           "explained_row", "resolve_ids", "as_index", "plain_spec", "check_position"]
 
 #: ``contrast=SOFTMAX``: initial relevance ``z_t`` for the target's logit and ``−z_j/N`` for
 #: every other logit ``z_j`` (the weights 1 and −1/N of a softmax-style explanation).
@@ -47,6 +48,47 @@ class Target:
     explained: Tensor
     initial: Tensor
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def as_index(value: Any) -> int | None:
+    """``value`` as an int if it is one: an int, a numpy integer or a 0-d integer tensor (not a
+    bool); else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value)
+    return None
+
+
+def plain_spec(value: Any) -> Any:
+    """A target, contrast or position as given, with numpy integers and 0-d integer tensors
+    made ints (also inside a list or tuple of ids)."""
+    index = as_index(value)
+    if index is not None:
+        return index
+    if isinstance(value, (list, tuple)):
+        items = [as_index(v) if as_index(v) is not None else v for v in value]
+        return type(value)(items) if isinstance(value, tuple) else items
+    return value
+
+
+def check_position(position: Any) -> int | None:
+    """``position`` as an int (``None`` stays ``None``).
+
+    Raises
+    ------
+    TypeError
+        For anything but an integer.
+    """
+    if position is None:
+        return None
+    index = as_index(position)
+    if index is None:
+        raise TypeError(f"position must be an int (a token index), not {position!r}")
+    return index
 
 
 def tensors(obj: Any, depth: int = 0) -> Iterator[Tensor]:
@@ -91,6 +133,7 @@ def output_target(output: Any, target: TargetSpec) -> Target:
     -------
     Target
     """
+    target = plain_spec(target)
     if callable(target) and not isinstance(target, Tensor):
         y = target(output)
         if not isinstance(y, Tensor):
@@ -106,8 +149,9 @@ def output_target(output: Any, target: TargetSpec) -> Target:
         last = out[..., -1, :] if out.dim() >= 3 else out
         y = last.gather(-1, last.detach().argmax(-1, keepdim=True)).squeeze(-1)
     elif isinstance(target, int):
-        if not -out.shape[-1] <= target < out.shape[-1]:
-            raise IndexError(f"target {target} out of range for {out.shape[-1]} outputs")
+        if not 0 <= target < out.shape[-1]:
+            raise IndexError(f"target {target} out of range for {out.shape[-1]} outputs "
+                             f"(0 to {out.shape[-1] - 1})")
         y = out[..., -1, target] if out.dim() >= 3 else out[..., target]
     elif isinstance(target, (tuple, list)):
         y = out[tuple(target)]
@@ -129,8 +173,9 @@ def token_name(tokenizer: Any, index: int) -> str:
 
 
 def _check_index(index: Any, size: int, what: str) -> int:
-    if isinstance(index, bool) or not isinstance(index, int):
+    if as_index(index) is None:
         raise TypeError(f"{what} must be an int or text, not {type(index).__name__}")
+    index = as_index(index)
     if not 0 <= index < size:
         noun = "vocabulary of" if "token" in what else "model's"
         unit = "tokens" if "token" in what else "classes"
@@ -212,6 +257,7 @@ def explained_row(logits: Tensor, task: str | None, item: Prepared, tokenizer: A
     if logits.dim() != 3:
         return (0,)
     length = logits.shape[1]
+    position = check_position(position)
     if position is None:
         position = _mask_position(item, tokenizer) if task == "masked-lm" else length - 1
     if not -length <= position < length:

@@ -57,7 +57,8 @@ class MultiheadAttentionRule(Rule):
     module : nn.MultiheadAttention
         The module to wrap.
     epsilon : float, optional
-        ε-stabiliser.
+        ε-stabiliser of the projections and the attention products; ``None`` takes the
+        composite's ε or the dtype default.
     hold_weights : bool
         CP-LRP: hold the attention weights constant.
     """
@@ -125,9 +126,9 @@ class MultiheadAttentionRule(Rule):
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         mha = self.module
         if not torch.is_grad_enabled() or not any(on_path(t) for t in (query, key, value)):
-            return mha(query, key, value, key_padding_mask=key_padding_mask,
-                       need_weights=need_weights, attn_mask=attn_mask,
-                       average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return mha.forward(query, key, value, key_padding_mask=key_padding_mask,
+                               need_weights=need_weights, attn_mask=attn_mask,
+                               average_attn_weights=average_attn_weights, is_causal=is_causal)
         self._check(query, key, value)
         batched = query.dim() == 3
         x = query

@@ -2,12 +2,15 @@
 pass, and their base class :class:`Rule`."""
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import BackwardHook
 
 from .. import functional as lf
+from ..errors import CompositeError
 from ..ops import GATE_ATTR, on_path
 
 __all__ = ["Rule", "EpsilonRule", "UniformEpsilonRule", "UniformRule", "IdentityRule",
@@ -23,13 +26,45 @@ class Rule(nn.Module):
         The module instance to wrap; it is kept unchanged as ``self.module``.
     epsilon : float, optional
         ε-stabiliser of rules that use one; ``None`` takes the composite's ε or, failing that,
-        the dtype default.
+        the dtype default (:func:`lrp_explicit.functional.default_epsilon`: ``1e-11`` in
+        float32, ``1e-12`` in float64, ``1e-6`` in bfloat16).
+
+    Notes
+    -----
+    The wrapper stands in for the module it wraps:
+
+    * the module's own hooks run as if it were called itself: its forward pre-hooks before
+      the rule, its forward hooks after it (their return values replace the input and the
+      output as usual), its full backward hooks on the relevance at its inputs and output;
+      so a rule calls the wrapped module's ``forward`` (never ``self.module(...)``, which would
+      run them twice);
+    * ``state_dict()`` has the keys of the wrapped module (no ``module.`` inserted), and
+      ``load_state_dict()`` takes them, so checkpoints move freely between the registered and
+      the plain model;
+    * a rule never computes on weights on the meta device (offloaded, not loaded): it raises
+      :class:`~lrp_explicit.CompositeError` instead.
     """
 
     def __init__(self, module: nn.Module, epsilon: float | None = None) -> None:
         super().__init__()
         self.module = module
         self.epsilon = epsilon
+        self._register_state_dict_hook(_strip_inner_prefix)
+        self._register_load_state_dict_pre_hook(_add_inner_prefix, with_module=True)
+
+    def _call_impl(self, *args: Any, **kwargs: Any) -> Any:
+        inner = self.__dict__["_modules"].get("module")
+        if inner is None:
+            return super()._call_impl(*args, **kwargs)
+        for name, param in inner._parameters.items():
+            if param is not None and param.is_meta:
+                raise CompositeError(
+                    f"{type(inner).__name__}.{name} is on the meta device (offloaded or not "
+                    f"loaded); {type(self).__name__} would compute on a tensor without data")
+        if not (inner._forward_pre_hooks or inner._forward_hooks or inner._backward_hooks
+                or inner._backward_pre_hooks):
+            return super()._call_impl(*args, **kwargs)
+        return _with_hooks(inner, super()._call_impl, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -47,6 +82,99 @@ class Rule(nn.Module):
         raise NotImplementedError
 
 
+def _with_hooks(inner: nn.Module, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``call(*args, **kwargs)`` (the rule) with the hooks of the wrapped module ``inner`` around
+    it, in the order and with the semantics of ``nn.Module.__call__`` (global hooks run once,
+    for the wrapper)."""
+    for hook_id, hook in tuple(inner._forward_pre_hooks.items()):
+        if hook_id in inner._forward_pre_hooks_with_kwargs:
+            changed = hook(inner, args, kwargs)
+            if changed is not None:
+                if not (isinstance(changed, tuple) and len(changed) == 2):
+                    raise RuntimeError("forward pre-hook must return None or a tuple of "
+                                       f"(new_args, new_kwargs), but got {changed}.")
+                args, kwargs = changed
+        else:
+            changed = hook(inner, args)
+            if changed is not None:
+                args = changed if isinstance(changed, tuple) else (changed,)
+    full = list(inner._backward_hooks.values()) if inner._is_full_backward_hook else []
+    pre = list(inner._backward_pre_hooks.values())
+    partial = list(inner._backward_hooks.values()) if inner._is_full_backward_hook is False \
+        else []
+    backward = BackwardHook(inner, full, pre) if full or pre else None
+    if backward is not None:
+        args = backward.setup_input_hook(args)
+    result: Any = None
+    called: set[int] = set()
+    try:
+        result = call(*args, **kwargs)
+        for hook_id, hook in tuple(inner._forward_hooks.items()):
+            if hook_id in inner._forward_hooks_always_called:
+                called.add(hook_id)
+            if hook_id in inner._forward_hooks_with_kwargs:
+                changed = hook(inner, args, kwargs, result)
+            else:
+                changed = hook(inner, args, result)
+            if changed is not None:
+                result = changed
+    except Exception:
+        for hook_id, hook in tuple(inner._forward_hooks.items()):
+            if hook_id in inner._forward_hooks_always_called and hook_id not in called:
+                try:
+                    changed = hook(inner, args, result)
+                    result = changed if changed is not None else result
+                except Exception as err:
+                    warnings.warn("module forward hook with ``always_call=True`` raised an "
+                                  f"exception that was ignored: {err!r}", stacklevel=2)
+        raise
+    if backward is not None:
+        result = backward.setup_output_hook(result)
+    if partial:
+        var = result
+        while not isinstance(var, Tensor):
+            var = next(v for v in var.values() if isinstance(v, Tensor)) \
+                if isinstance(var, dict) else var[0]
+        if var.grad_fn is not None:
+            for hook in partial:
+                var.grad_fn.register_hook(_PartialHook(hook, inner))
+    return result
+
+
+class _PartialHook:
+    """A non-full (``register_backward_hook``) hook of the wrapped module on its output node."""
+
+    def __init__(self, hook: Callable[..., Any], module: nn.Module) -> None:
+        self.hook, self.module = hook, module
+
+    def __call__(self, grad_input: Any, grad_output: Any) -> Any:
+        return self.hook(self.module, grad_input, grad_output)
+
+
+_INNER = "module."
+
+
+def _strip_inner_prefix(rule: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+    """State-dict hook: the wrapped module's keys without ``module.``, in their order."""
+    inner = prefix + _INNER
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k == inner[:-1] or k.startswith(inner)]:
+            value = metadata.pop(key)
+            metadata[prefix[:-1] if key == inner[:-1] else prefix + key[len(inner):]] = value
+
+
+def _add_inner_prefix(rule: nn.Module, state: dict, prefix: str, local_metadata: Any,
+                      strict: bool, missing: list, unexpected: list, errors: list) -> None:
+    """Load-state-dict pre-hook: keys of the wrapped module (with or without ``module.``)."""
+    own = set(rule._parameters) | set(rule._buffers) | set(rule._modules)
+    for key in [k for k in state if k.startswith(prefix)]:
+        if key[len(prefix):].split(".", 1)[0] not in own:
+            state[prefix + _INNER + key[len(prefix):]] = state.pop(key)
+
+
 class EpsilonRule(Rule):
     """ε-rule ``R_x = x ⊙ J(x)ᵀ (R ⊘ s(z))`` for a module linear (affine) in its input.
 
@@ -57,7 +185,7 @@ class EpsilonRule(Rule):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         module = self.module
         if not torch.is_grad_enabled() or not on_path(x):
-            return module(x, *args, **kwargs)
+            return module.forward(x, *args, **kwargs)
         if type(module) is nn.Linear:
             return lf.linear_epsilon(x, module.weight, module.bias, self.epsilon)
         if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not args:
@@ -65,7 +193,8 @@ class EpsilonRule(Rule):
             z = lf.addmm_epsilon(module.bias, x.view(-1, x.size(-1)), module.weight,
                                  epsilon=self.epsilon)
             return z.view(shape)
-        return lf.bilinear_uniform(lambda t: module(t, *args, **kwargs), x, epsilon=self.epsilon)
+        return lf.bilinear_uniform(lambda t: module.forward(t, *args, **kwargs), x,
+                                   epsilon=self.epsilon)
 
 
 class UniformEpsilonRule(Rule):
@@ -74,8 +203,8 @@ class UniformEpsilonRule(Rule):
 
     def forward(self, *args: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not any(on_path(a) for a in args):
-            return self.module(*args)
-        return lf.bilinear_uniform(self.module, *args, epsilon=self.epsilon)
+            return self.module.forward(*args)
+        return lf.bilinear_uniform(self.module.forward, *args, epsilon=self.epsilon)
 
 
 class UniformRule(Rule):
@@ -84,8 +213,8 @@ class UniformRule(Rule):
 
     def forward(self, *args: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not any(on_path(a) for a in args):
-            return self.module(*args)
-        return lf.UniformFunction.apply(self.module, *args)
+            return self.module.forward(*args)
+        return lf.UniformFunction.apply(self.module.forward, *args)
 
 
 class IdentityRule(Rule):
@@ -94,8 +223,8 @@ class IdentityRule(Rule):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not torch.is_grad_enabled() or not on_path(x):
-            return self.module(x, *args, **kwargs)
-        out = lf.identity(lambda t: self.module(t, *args, **kwargs), x)
+            return self.module.forward(x, *args, **kwargs)
+        out = lf.identity(lambda t: self.module.forward(t, *args, **kwargs), x)
         setattr(out, GATE_ATTR, True)
         return out
 
@@ -105,7 +234,7 @@ class SoftmaxRule(Rule):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not on_path(x):
-            return self.module(x)
+            return self.module.forward(x)
         return lf.softmax(x, self.module.dim)
 
 
@@ -127,7 +256,7 @@ class NormRule(Rule):
         ``LayerNorm`` are ``"layer"``; ``nn.RMSNorm`` and classes whose name contains ``RMS``
         are ``"rms"``. Other classes must say.
     epsilon : float, optional
-        ε-stabiliser.
+        ε-stabiliser; ``None`` takes the composite's ε or the dtype default.
     """
 
     def __init__(self, module: nn.Module, epsilon: float | None = None,
@@ -149,13 +278,13 @@ class NormRule(Rule):
     def forward(self, x: Tensor) -> Tensor:
         module = self.module
         if not torch.is_grad_enabled() or not on_path(x):
-            return module(x)
+            return module.forward(x)
         if self.kind == "rms":
-            return lf.norm_rule(x, module, "rms", epsilon=self.epsilon)
+            return lf.norm_rule(x, module.forward, "rms", epsilon=self.epsilon)
         shape = getattr(module, "normalized_shape", None) or (x.shape[-1],)
         eps = next((getattr(module, n) for n in _RMS_EPS_NAMES if hasattr(module, n)), 1e-5)
-        return lf.norm_rule(x, module, "layer", weight=getattr(module, "weight", None), eps=eps,
-                            epsilon=self.epsilon, normalized_shape=shape)
+        return lf.norm_rule(x, module.forward, "layer", weight=getattr(module, "weight", None),
+                            eps=eps, epsilon=self.epsilon, normalized_shape=shape)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}" + (", " + super().extra_repr() if self.epsilon else "")
@@ -165,7 +294,7 @@ class StopRule(Rule):
     """Stop rule: the module's output is a constant, no relevance enters the module."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.module(*args, **kwargs)
+        out = self.module.forward(*args, **kwargs)
         if isinstance(out, Tensor) and out.requires_grad:
             return lf.stop(out)
         return out
@@ -179,4 +308,4 @@ class PassRule(Rule):
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        return self.module.forward(*args, **kwargs)
