@@ -77,6 +77,26 @@ def raising(exc: type[BaseException], when=lambda: True):
 # ============================================================================ 1. interrupts
 
 
+def test_keyboard_interrupt_in_a_model_registered_by_hand(llama):
+    """``register()`` without ``context()`` or the pipeline: the guard on the model's forward
+    unwinds the thread's frames at once; the model stays registered and explains after."""
+    comp = composites.get("attnlrp", llama)
+    comp.register(llama)
+    handle = llama.model.layers[1].mlp.register_forward_hook(raising(KeyboardInterrupt))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llama(inputs_embeds=llama.get_input_embeddings()(IDS).detach().requires_grad_())
+        assert torch._C._len_torch_function_stack() == 0
+        assert len(dispatch._state.frames) == 0
+        plain_gradients_are_exact()
+        assert composites.carrier(llama) is comp
+    finally:
+        handle.remove()
+        comp.remove()
+    assert_clean(llama)
+    assert "forward" not in llama.__dict__  # the guard goes with the composite
+
+
 def test_keyboard_interrupt_in_the_forward_of_explain_and_audit(llama):
     handle = llama.model.layers[1].mlp.register_forward_hook(raising(KeyboardInterrupt))
     try:
@@ -204,17 +224,17 @@ def test_keyboard_interrupt_in_the_backward():
 def test_frames_of_a_composite_removed_by_another_thread_are_dead():
     """A thread whose forward was interrupted while another thread removes the composite
     computes plain gradients (its frames are dead) and drops them at its next module call."""
-    block, other = Block().double(), Block().double()
+    block, other = nn.Sequential(Block().double()), Block().double()
     comp = composites.get("attnlrp", block)
     keep = composites.get("attnlrp", other)  # keeps the global hooks installed
     comp.register(block)
     keep.register(other)
-    hook = block.o.module.register_forward_hook(raising(KeyboardInterrupt))
+    hook = block[0].o.module.register_forward_hook(raising(KeyboardInterrupt))
     interrupted, removed, results = threading.Event(), threading.Event(), {}
 
     def worker():
-        try:
-            block(torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True))
+        try:  # a submodule called on its own: the root's guard does not see this forward
+            block[0](torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True))
         except KeyboardInterrupt:
             results["stale"] = len(dispatch._state.frames)
         interrupted.set()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import fnmatch
 import sys
 import threading
@@ -215,7 +216,41 @@ class Composite:
         model.eval()
         dispatch.bind(self, model, opaque)
         self._undo.append(lambda: dispatch.unbind(self))
+        self._guard_forward(model)
         self.unruled.clear()
+
+    def _guard_forward(self, model: nn.Module) -> None:
+        """Drop this thread's frames when an interrupt ends the model's forward.
+
+        PyTorch calls always-call forward hooks only for an ``Exception``: a
+        ``KeyboardInterrupt`` would leave the root's frame (and those inside it) on the
+        thread's stack, and the rules on every later functional call of that thread. The
+        model's ``forward`` is wrapped (an instance attribute, removed again by
+        :meth:`remove`; its signature is the original's) so that any ``BaseException``
+        unwinds the stack to where it was before the root was entered.
+        """
+        inner = model.forward
+        previous = model.__dict__.get("forward")
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            mark = dispatch.depth()  # the root's own frame is already on it
+            try:
+                return inner(*args, **kwargs)
+            except BaseException as err:
+                if not isinstance(err, Exception):
+                    dispatch.unwind(max(mark - 1, 0))
+                raise
+
+        model.forward = forward
+
+        def restore() -> None:
+            if previous is None:
+                model.__dict__.pop("forward", None)
+            else:
+                model.forward = previous
+
+        self._undo.append(restore)
 
     def _wrap_children(self, parent: nn.Module, prefix: str, wrappers: dict[int, nn.Module],
                        opaque: set[int]) -> None:
