@@ -36,7 +36,8 @@ import common
 import torch
 import transformers as tf
 
-from lrp_explicit import composites
+import lrp_explicit
+from lrp_explicit import composites, pipeline
 from lrp_explicit import functional as lf
 
 FAMILIES = ("llama", "gpt2", "bert", "qwen3", "gemma3")
@@ -130,15 +131,13 @@ def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
 def token_relevance(model: torch.nn.Module, x: torch.Tensor, variant: str,
                     epsilon: float | None, target: int | None = None, **kwargs) -> torch.Tensor:
     """Per-token relevance (float64, summed over hidden) of the logit ``target`` at the last
-    position of ``model(inputs_embeds=x)`` (``target`` None: the top class)."""
+    position of ``model(inputs_embeds=x)`` (``target`` None: the top class), in one pass of
+    :func:`lrp_explicit.pipeline.attribute`."""
     comp = composites.get(variant, model, strict=True, epsilon=epsilon)
-    with comp.context(model):
-        x = x.detach().clone().requires_grad_(True)
-        logits = model(inputs_embeds=x, **kwargs).logits[:, -1]
-        index = int(logits[0].argmax()) if target is None else target
-        y = logits[:, index]
-        y.backward(y.detach())
-    return x.grad.double().sum(-1)
+    item = pipeline.prepare(model, {"inputs_embeds": x, **kwargs})
+    result = pipeline.attribute(model, item, lambda out: pipeline.output_target(out, target),
+                                comp)
+    return result.relevance["inputs_embeds"].double().sum(-1)
 
 
 def top_class(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -169,21 +168,11 @@ def minilm(attn: str):
 
 def similarity_relevance(model, tokenizer, pair, variant: str,
                          epsilon: float | None) -> torch.Tensor:
-    """Per-token relevance (float64, both sentences of the padded batch) of the cosine
-    similarity of their mean-pooled embeddings."""
-    enc = tokenizer(list(pair), padding=True, return_tensors="pt")
-    mask = enc["attention_mask"]
+    """Per-token relevance (float64, both sentences) of the cosine similarity of their
+    mean-pooled embeddings, as :func:`lrp_explicit.explain` computes it."""
     comp = composites.get(variant, model, strict=True, epsilon=epsilon)
-    with comp.context(model):
-        x = model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
-        hidden = model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        with comp.op_rules():
-            w = mask.unsqueeze(-1).to(hidden.dtype)
-            e = (hidden * w).sum(1) / w.sum(1)
-            u, v = e[0], e[1]
-            y = (u * v).sum() / (torch.sqrt((u * u).sum()) * torch.sqrt((v * v).sum()))
-        y.backward(y.detach())
-    return x.grad.double().sum(-1)
+    return lrp_explicit.explain(model, tuple(pair), tokenizer=tokenizer,
+                                composite=comp).relevance.double()
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -280,7 +269,7 @@ def run(quick: bool, attention=ATTENTION, families=FAMILIES, with_minilm: bool =
 
             entry = measure(explain, model64, sweep=attn == "sdpa")
             results["cases"].append({"family": "minilm", "attention": attn,
-                                     "tokens": "2 × 10–14 (padded pairs)", "pairs": len(pairs),
+                                     "tokens": "2 × 10–14 (pairs)", "pairs": len(pairs),
                                      "seconds": time.perf_counter() - start, **entry})
             print(f"minilm  {attn:5s} done in {time.perf_counter() - start:.1f}s", flush=True)
     return results
