@@ -145,6 +145,7 @@ def _ratio(z: Tensor, epsilon: float | None) -> Tensor:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+_PLAIN = (Tensor, torch.nn.Parameter)  # weights that are not a quantised tensor subclass
 
 
 def _accurate(t: Tensor) -> Tensor:
@@ -265,8 +266,12 @@ def linear_epsilon(
 
     The bias absorbs its share ``b ⊙ R ⊘ s(z)`` (relevance only reaches it when it requires
     grad). A weight that requires grad is treated as a second relevance-path operand and
-    shares the relevance uniformly with ``x``.
+    shares the relevance uniformly with ``x``. A quantised weight (a tensor subclass such as
+    torchao's ``Int8Tensor``) keeps its own kernel: ``z`` is the quantised layer's output and
+    ``(R ⊘ s(z)) W`` one vector-Jacobian product of it.
     """
+    if type(weight) not in _PLAIN and not weight.requires_grad:
+        return bilinear_uniform(lambda t: F.linear(t, weight, bias), x, epsilon=epsilon)
     return LinearEpsilonFunction.apply(x, weight, bias, epsilon)
 
 

@@ -25,6 +25,7 @@ MODULES = [
     "lrp_explicit.rules",
     "lrp_explicit.dispatch",
     "lrp_explicit.composites",
+    "lrp_explicit.composites.adapters",
     "lrp_explicit.pipeline",
     "lrp_explicit.explain",
     "lrp_explicit.audit",

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from ..composites import Composite
 from ..errors import UnruledOpWarning
-from ..pipeline import (TargetSpec, attribute, output_target, prepare, resolve_composite,
-                        task_of)
+from ..pipeline import (TargetSpec, attribute, grad_enabled, output_target, prepare,
+                        resolve_composite, task_of)
 from .analysis import build_report
 from .ledger import Ledger
 from .report import TARGET, AuditReport, CheckResult
@@ -25,6 +25,7 @@ Inputs = Union[Tensor, Mapping[str, Any], Callable[[nn.Module], Any]]
 Target = TargetSpec
 
 
+@grad_enabled()
 def audit(model: nn.Module, inputs: Inputs, target: Target, composite: str | Composite = "attnlrp",
           record: Iterable[str | type] | None = None, *, family: str | None = None,
           **options: Any) -> AuditReport:
@@ -83,6 +84,7 @@ def audit(model: nn.Module, inputs: Inputs, target: Target, composite: str | Com
     return build_report(model, result, ledger, input_relevance)
 
 
+@grad_enabled()
 def check(model: nn.Module, inputs: Inputs, composite: str | Composite = "attnlrp", *,
           target: Target = None, rtol: float = 1e-6, atol: float = 0.0, strict: bool = False,
           family: str | None = None, **options: Any) -> CheckResult:

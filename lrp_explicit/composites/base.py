@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import fnmatch
+import functools
 import sys
 import threading
 from collections import Counter
@@ -14,6 +14,7 @@ from torch import nn
 from .. import dispatch
 from ..errors import CompositeError, UnruledOpError
 from ..ops import ATTNLRP_OPS, OP_NAMES, Handler
+from .adapters import check_adapters, check_quantised, loads_weights
 
 __all__ = ["Composite", "CompositeError", "carrier"]
 
@@ -149,9 +150,10 @@ class Composite:
             If ``model`` already carries a composite, a module of it belongs to another
             registered composite (a registered submodule, or a registered model it is part
             of), this composite is registered elsewhere, the zennit composite is already
-            registered on a model, or the model holds tensors the rules cannot compute on
-            (inference tensors, tensors on the meta device such as weights offloaded by
-            accelerate).
+            registered on a model, the model holds tensors the rules cannot compute on
+            (inference parameters, tensors on the meta device that no accelerate hook loads),
+            or adapters or quantised weights the rules are not verified for
+            (:mod:`~lrp_explicit.composites.adapters`).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"register() needs an nn.Module, got {type(model).__name__}")
@@ -179,6 +181,8 @@ class Composite:
                     "first" if not name else
                     f"module {name!r} of {what} carries {owner!r}; remove that composite first")
             _check_tensors(model)
+            check_adapters(model)
+            check_quantised(model)
             _carriers[id(model)] = self
             self.model = model
         try:
@@ -189,12 +193,14 @@ class Composite:
         return model
 
     def _bind(self, model: nn.Module) -> None:
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        self._undo.append(lambda: _each(flags, lambda p, f: p.requires_grad_(f)))
+        # By owner and name: accelerate's hooks replace offloaded parameters at every forward.
+        flags = [((m, k), p.requires_grad) for m in model.modules()
+                 for k, p in m._parameters.items() if p is not None]
+        self._undo.append(lambda: _each(flags, _restore_flag))
         modes = [(m, m.training) for m in model.modules()]
         self._undo.append(lambda: _each(modes, lambda m, t: m.train(t) if m.training != t
                                         else None))
-        for p, _ in flags:
+        for p in model.parameters():
             p.requires_grad_(False)
         self.zennit_modules = set()
         if self.zennit is not None:
@@ -378,24 +384,28 @@ def _each(pairs: list, step: Callable[[Any, Any], Any]) -> None:
         raise failure
 
 
+def _restore_flag(place: tuple[nn.Module, str], flag: bool) -> None:
+    param = place[0]._parameters.get(place[1])
+    if param is not None and param.requires_grad != flag:
+        param.requires_grad_(flag)
+
+
 def _check_tensors(model: nn.Module) -> None:
     """Refuse models whose tensors the rules cannot compute on, naming the first one.
 
     Inference parameters cannot take part in a graph that the backward pass needs;
     inference buffers (rotary frequencies, position ids) only feed constants and are fine.
     """
+    loaded = {name for name, module in model.named_modules() if loads_weights(module)}
     for kind, named in (("parameter", model.named_parameters()),
                         ("buffer", model.named_buffers())):
         for name, tensor in named:
-            if tensor.is_meta:
-                hooked = any(hasattr(m, "_hf_hook") for m in model.modules())
-                why = ("offloaded by accelerate (device_map with 'disk' or 'cpu' offload); its "
-                       "hook would load it for the module's own forward, but the LRP rules "
-                       "compute on the weights directly" if hooked else "not loaded")
+            if tensor.is_meta and not _offloaded(name, loaded):
                 raise CompositeError(
-                    f"{type(model).__name__}: {kind} {name!r} is on the meta device ({why}); "
-                    "the rules would compute on a tensor without data. Load the model with all "
-                    "weights on one device (no offloading) to explain it")
+                    f"{type(model).__name__}: {kind} {name!r} is on the meta device (not "
+                    "loaded, and no accelerate hook loads it); the rules would compute on a "
+                    "tensor without data. Load the weights, or offload them with accelerate "
+                    "(cpu_offload, disk_offload, device_map), whose hooks bring them in")
             if kind == "parameter" and tensor.is_inference():
                 raise CompositeError(
                     f"{type(model).__name__}: {kind} {name!r} is an inference tensor (the model "
@@ -403,6 +413,13 @@ def _check_tensors(model: nn.Module) -> None:
                     "Create the model outside inference_mode, or give it ordinary tensors: "
                     "model.load_state_dict({k: v.clone() for k, v in "
                     "model.state_dict().items()}, assign=True)")
+
+
+def _offloaded(name: str, loaded: set[str]) -> bool:
+    """True if a module named in ``loaded`` (accelerate hooks that load weights) holds the
+    tensor at qualified name ``name`` or is one of its ancestors."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in loaded for i in range(len(parts)))
 
 
 def carrier(model: nn.Module) -> Composite | None:

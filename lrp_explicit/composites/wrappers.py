@@ -23,7 +23,10 @@ def _inner(model: nn.Module) -> nn.Module | None:
         return children["_orig_mod"]
     if type(model).__name__.startswith("Peft"):
         base = children.get("base_model")
-        inner = base._modules.get("model") if isinstance(base, nn.Module) else None
+        # A tuner (LoraModel …) holds the model as ``.model``; with prompt learning the base
+        # model is the Hugging Face model itself.
+        tuner = isinstance(base, nn.Module) and type(base).__module__.startswith("peft.")
+        inner = base._modules.get("model") if tuner else None
         return inner if inner is not None else base
     return None
 

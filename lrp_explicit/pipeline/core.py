@@ -9,11 +9,12 @@ restore the model, also when anything raises.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from .inputs import Prepared
 from .targets import Target, tensors
 
 __all__ = ["attribute", "Attribution", "Observer", "Recorder", "resolve_composite",
-           "check_finite", "TARGET"]
+           "check_finite", "grad_enabled", "TARGET"]
 
 #: Label of the functional code that turns the model's output into the explained tensor.
 TARGET = "<target>"
@@ -298,8 +299,9 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
         for watcher in watchers:
             watcher.install(model)
             installed.append(watcher)
-        with torch.enable_grad():
-            outputs = [item.run(model) for item in items]
+        with grad_enabled(), torch.compiler.set_stance("force_eager"):
+            runner = _uncompiled(model)
+            outputs = [item.run(runner) for item in items]
             output = outputs[0] if isinstance(inputs, Prepared) else outputs
             if composite is not None:
                 with composite.op_rules(label):
@@ -339,6 +341,29 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
     relevances = [{k: (sum(v[1:], v[0]) if v else None) for k, v in box.items()} for box in grads]
     unruled = Counter(composite.unruled) - before if composite is not None else Counter()
     return Attribution(relevances, latent, output, explained, composite, unruled)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, run eagerly: the
+    rules and hooks need Python to run op by op, and calling the wrapper while hooks are
+    registered makes torch warn."""
+    while type(model).__name__ == "OptimizedModule" and "_orig_mod" in model._modules:
+        model = model._modules["_orig_mod"]
+    return model
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Autograd on, also inside ``torch.no_grad()`` and ``torch.inference_mode()``.
+
+    The entry points (:func:`~lrp_explicit.explain`, :func:`~lrp_explicit.audit`,
+    :func:`~lrp_explicit.check`) run their whole pass in it, so that they can be called from
+    code that runs without gradients. Tensors made inside ``inference_mode`` before the call
+    (inputs, embeddings) are copied into ordinary tensors where they become leaves; a model
+    whose parameters are inference tensors is refused by :meth:`Composite.register`.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _remove_all(watchers: Iterable[Observer]) -> None:

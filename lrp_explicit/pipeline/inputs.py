@@ -5,8 +5,9 @@ from __future__ import annotations
 import inspect
 import numbers
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,8 @@ __all__ = ["TASKS", "task_of", "Prepared", "prepare", "make_leaf", "embed", "spl
 
 #: Tasks :func:`lrp_explicit.explain` knows; :func:`task_of` picks one from the model's head.
 TASKS = ("causal-lm", "masked-lm", "classification", "token-classification",
-         "image-classification", "similarity")
+         "image-classification", "similarity", "seq2seq-lm", "image-text-similarity",
+         "image-text-to-text")
 _SUFFIXES = {"causal-lm": ("ForCausalLM", "LMHeadModel"), "masked-lm": ("ForMaskedLM",),
              "classification": ("ForSequenceClassification",),
              "token-classification": ("ForTokenClassification",),
@@ -31,6 +33,9 @@ POSITIONAL = "input"
 def task_of(model: nn.Module) -> str | None:
     """The task of a Hugging Face head (by class name: ``…ForCausalLM``, ``…ForMaskedLM``, …);
     ``"similarity"`` for a Hugging Face base model with a vocabulary (a sentence encoder);
+    ``"seq2seq-lm"`` for an encoder–decoder ``…ForConditionalGeneration`` (T5),
+    ``"image-text-to-text"`` for a vision–language ``…ForConditionalGeneration`` (LLaVA),
+    ``"image-text-similarity"`` for a dual encoder with image and text features (CLIP);
     ``None`` for other models (decided by the output's shape: ``(batch, classes)`` is a
     classification, ``(batch, tokens, classes)`` a per-position one). Transparent wrappers
     (``DataParallel``, ``torch.compile``, PEFT) have the task of the model inside."""
@@ -40,6 +45,14 @@ def task_of(model: nn.Module) -> str | None:
         if name.endswith(suffixes):
             return task
     config = getattr(model, "config", None)
+    if config is not None and name.endswith("ForConditionalGeneration"):
+        if getattr(config, "is_encoder_decoder", False):
+            return "seq2seq-lm"
+        if getattr(config, "vision_config", None) is not None:
+            return "image-text-to-text"
+    if config is not None and hasattr(model, "get_image_features") \
+            and hasattr(model, "get_text_features"):
+        return "image-text-similarity"
     if config is not None and name.endswith("Model") and getattr(config, "vocab_size", None):
         return "similarity"
     return None
@@ -118,7 +131,15 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    """Where the inputs go: the execution device of accelerate's hook on the model (a model
+    with a ``device_map`` or offloaded weights), else that of its first loaded parameter."""
+    for module in model.modules():
+        hook = module.__dict__.get("_hf_hook")
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def make_leaf(x: Tensor, device: torch.device | str | None = None) -> Tensor:

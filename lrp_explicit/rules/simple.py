@@ -2,6 +2,7 @@
 pass, and their base class :class:`Rule`."""
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -41,7 +42,9 @@ class Rule(nn.Module):
     * ``state_dict()`` has the keys of the wrapped module (no ``module.`` inserted), and
       ``load_state_dict()`` takes them, so checkpoints move freely between the registered and
       the plain model;
-    * a rule never computes on weights on the meta device (offloaded, not loaded): it raises
+    * a wrapped module with an accelerate hook (``device_map``, CPU or disk offload) runs the
+      rule inside it: the hook loads offloaded weights and places the inputs first; a rule
+      never computes on weights on the meta device: it raises
       :class:`~lrp_explicit.CompositeError` instead.
     """
 
@@ -56,15 +59,16 @@ class Rule(nn.Module):
         inner = self.__dict__["_modules"].get("module")
         if inner is None:
             return super()._call_impl(*args, **kwargs)
-        for name, param in inner._parameters.items():
-            if param is not None and param.is_meta:
-                raise CompositeError(
-                    f"{type(inner).__name__}.{name} is on the meta device (offloaded or not "
-                    f"loaded); {type(self).__name__} would compute on a tensor without data")
+        call = super()._call_impl
+        hook = inner.__dict__.get("_hf_hook")
+        if hook is not None:  # accelerate: load offloaded weights, place the inputs
+            call = functools.partial(_with_accelerate, self, hook, call)
+        else:
+            _check_loaded(self)
         if not (inner._forward_pre_hooks or inner._forward_hooks or inner._backward_hooks
                 or inner._backward_pre_hooks):
-            return super()._call_impl(*args, **kwargs)
-        return _with_hooks(inner, super()._call_impl, args, kwargs)
+            return call(*args, **kwargs)
+        return _with_hooks(inner, call, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -80,6 +84,27 @@ class Rule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _check_loaded(rule: Rule) -> None:
+    """Raise if the wrapped module's weights are on the meta device (no data)."""
+    inner = rule.module
+    for name, param in inner._parameters.items():
+        if param is not None and param.is_meta:
+            raise CompositeError(
+                f"{type(inner).__name__}.{name} is on the meta device (offloaded or not "
+                f"loaded); {type(rule).__name__} would compute on a tensor without data")
+
+
+def _with_accelerate(rule: Rule, hook: Any, call: Callable[..., Any], *args: Any,
+                     **kwargs: Any) -> Any:
+    """``call`` (the rule) inside the accelerate hook of the wrapped module, as its forward
+    would run: ``pre_forward`` loads offloaded weights and moves the inputs to the execution
+    device, ``post_forward`` offloads again (the backward keeps the loaded tensors it saved)."""
+    inner = rule.module
+    args, kwargs = hook.pre_forward(inner, *args, **kwargs)
+    _check_loaded(rule)
+    return hook.post_forward(inner, call(*args, **kwargs))
 
 
 def _with_hooks(inner: nn.Module, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
