@@ -433,3 +433,22 @@ def test_compiled_models_are_explained_without_warnings(how, llama):
     assert torch.equal(got.relevance, want.relevance)
     assert result.ok
     assert_untouched(compiled, before)
+
+
+def test_a_composite_registered_by_hand_runs_a_compiled_module_eagerly(llama):
+    model = copy.deepcopy(llama)
+    model.compile()
+    compiled = model._compiled_call_impl
+    comp = composites.get("attnlrp", model)
+    embeds = llama.get_input_embeddings()(IDS).detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with comp.context(model):
+            assert model._compiled_call_impl is None
+            leaf = embeds.clone().requires_grad_(True)
+            y = model(inputs_embeds=leaf).logits[0, -1, TARGET]
+            y.backward(y.detach())
+    assert [str(w.message) for w in caught] == []
+    assert model._compiled_call_impl is compiled
+    want = lrp_explicit.explain(llama, IDS, target=TARGET).relevance
+    torch.testing.assert_close(leaf.grad.sum(-1)[0], want, rtol=0, atol=1e-12)

@@ -10,6 +10,7 @@ remove / interrupt / exception over several models in two threads.
 """
 from __future__ import annotations
 
+import copy
 import io
 import random
 from collections import Counter
@@ -390,18 +391,6 @@ class UserWrapper(nn.Module):
         return self.inner(inputs_embeds=x).logits
 
 
-class PeftModelForCausalLM(nn.Module):
-    """The layout of a PEFT model: ``base_model.model``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.base_model = nn.Module()
-        self.base_model.model = model
-
-    def forward(self, **kwargs):
-        return self.base_model.model(**kwargs)
-
-
 def test_wrapped_llama_gets_the_llama_composite(llama):
     alone = lrp_explicit.explain(llama, IDS, 3)
     parallel = nn.DataParallel(llama)
@@ -419,10 +408,16 @@ def test_wrapped_llama_gets_the_llama_composite(llama):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     assert lrp_explicit.check(user, x, target=3).ok
 
-    peft = PeftModelForCausalLM(llama)
-    assert composites.family_of(peft) == "llama"
-    assert lrp_explicit.pipeline.task_of(peft) == "causal-lm"
-    assert torch.equal(lrp_explicit.explain(peft, IDS, 3).relevance, alone.relevance)
+    peft = pytest.importorskip("peft")
+    # a LoRA adapter that starts at zero (the default): the function and relevance are the
+    # model's own; adapters that change them are tested in test_loaded_models.py
+    adapted = peft.get_peft_model(copy.deepcopy(llama),
+                                  peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert composites.family_of(adapted) == "llama"
+    assert lrp_explicit.pipeline.task_of(adapted) == "causal-lm"
+    # (up to the ε of the ε-add that joins the zero path: 1e-12 relative)
+    torch.testing.assert_close(lrp_explicit.explain(adapted, IDS, 3).relevance,
+                               alone.relevance, rtol=1e-10, atol=0)
 
     compiled = torch.compile(llama)  # not run: only what it is
     assert composites.family_of(compiled) == "llama"

@@ -219,6 +219,7 @@ class Composite:
         else:
             self._wrap_children(model, "", wrappers, opaque)
         self._wrap_checkpointing(model)
+        self._run_eagerly(model)
         model.eval()
         dispatch.bind(self, model, opaque)
         self._undo.append(lambda: dispatch.unbind(self))
@@ -300,6 +301,16 @@ class Composite:
             module._gradient_checkpointing_func = checkpoint
             self._undo.append(
                 lambda m=module, f=original: setattr(m, "_gradient_checkpointing_func", f))
+
+    def _run_eagerly(self, model: nn.Module) -> None:
+        """Modules compiled with ``module.compile()`` run their plain ``__call__`` while
+        registered: the rules and the op dispatch need Python to run op by op."""
+        for module in model.modules():
+            compiled = module.__dict__.get("_compiled_call_impl")
+            if compiled is not None:
+                module._compiled_call_impl = None
+                self._undo.append(
+                    lambda m=module, c=compiled: setattr(m, "_compiled_call_impl", c))
 
     def remove(self) -> None:
         """Undo :meth:`register`: the very same module objects, ``requires_grad`` flags and
