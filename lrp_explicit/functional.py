@@ -213,14 +213,18 @@ class MatmulUniformFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, epsilon: float | None, op: Callable = torch.matmul):
         z = op(a, b)
-        ctx.epsilon = epsilon
-        ctx.save_for_backward(a, b, z)
+        ctx.epsilon, ctx.op = epsilon, op
+        # z is recomputed in the backward, not saved: code may update the product in place
+        # (T5's attention before transformers 5.15 adds the position bias with
+        # ``scores += position_bias``), which plain autograd's matmul allows; it also keeps the
+        # largest tensor of an eager attention (the L × S scores) out of the saved state
+        ctx.save_for_backward(a, b)
         return z
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
-        a, b, z = ctx.saved_tensors
-        g = _divide(relevance, z, ctx.epsilon)
+        a, b = ctx.saved_tensors
+        g = _divide(relevance, ctx.op(a, b), ctx.epsilon)
         return (*_product_relevance(a, b, g, _needs(ctx, 0), _needs(ctx, 1)), None, None)
 
 
@@ -366,22 +370,28 @@ class AddEpsilonFunction(torch.autograd.Function):
     def forward(ctx, a, b, coef_a: float, coef_b: float, epsilon, op: Callable):
         z = op(a, b)
         ctx.coef_a, ctx.coef_b, ctx.epsilon = coef_a, coef_b, epsilon
-        # In half precision the sum is recomputed in float32 in the backward: z rounded to half
-        # precision makes a/z meaningless where a and b nearly cancel.
-        half = z.dtype in _HALF and all(isinstance(t, Tensor) for t in (a, b))
+        # z is recomputed from the operands in the backward, not saved: code may update the sum
+        # in place (``x = a + b; x += c``, as BERT's embeddings do in transformers 4), which
+        # plain autograd's add (it saves nothing) allows and a saved z would forbid. In half
+        # precision the sum is recomputed in float32: z rounded to half precision makes a/z
+        # meaningless where a and b nearly cancel.
+        ctx.half = z.dtype in _HALF and all(isinstance(t, Tensor) for t in (a, b))
         ctx.needs = (_needs(ctx, 0), _needs(ctx, 1))
-        keep_a, keep_b = ctx.needs[0] or half, ctx.needs[1] or half
-        ctx.save_for_backward(a if keep_a else None, b if keep_b else None, None if half else z)
+        ctx.numbers = tuple(None if isinstance(t, Tensor) else t for t in (a, b))
+        ctx.save_for_backward(*(t if isinstance(t, Tensor) else None for t in (a, b)))
         return z
 
     @staticmethod
     def backward(ctx, relevance):
-        a, b, z = ctx.saved_tensors
-        if z is None:
+        a, b = ctx.saved_tensors
+        if ctx.half:
             a32, b32 = a.float() * ctx.coef_a, b.float() * ctx.coef_b
             g = _divide(relevance.float(), a32 + b32, ctx.epsilon)
         else:
-            g = _divide(relevance, z, ctx.epsilon)
+            terms = [(t if t is not None else number) if coef == 1.0
+                     else (t if t is not None else number) * coef
+                     for t, number, coef in zip((a, b), ctx.numbers, (ctx.coef_a, ctx.coef_b))]
+            g = _divide(relevance, terms[0] + terms[1], ctx.epsilon)
         need_a, need_b = ctx.needs
         r_a = _sum_to(_scaled(g * a, ctx.coef_a), a) if need_a else None
         # g is not needed after this: multiply in place where the shapes allow it

@@ -13,6 +13,16 @@ the input, gives the LRP relevance of each variant; only non-linear parts need a
 - a division by a relevance-path tensor: the denominator detached;
 - everything linear (linear layers, sums, means, residuals, scalings, layout): unchanged.
 
+Encoder–decoders, dual encoders and vision–language models need nothing else, which is the
+point of checking them here: cross-attention is the product trick on ``q kᵀ`` with the decoder's
+queries and the encoder's keys (both on the path); T5's relative position bias is a summand of
+the scores computed from frozen parameters, so it is a constant (it gets no gradient and its
+share of ``x ⊙ ∂y/∂x`` is simply not counted); CLIP's similarity head ``u/‖u‖ · v/‖v‖`` is a
+division by a path tensor (the norm detached) and a product of two path tensors (halved under
+both variants: the normalised embeddings are no gates); LLaVA's ``masked_scatter`` of the image
+features into the text embeddings is layout. :func:`reference_relevances` explains several
+inputs at once (pixels and text, encoder and decoder embeddings).
+
 Nothing here uses ``lrp_explicit``: it is a second implementation to check the first against.
 """
 from __future__ import annotations
@@ -161,6 +171,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return out + bias if bias is not None else out
 
 
+#: Norms that scale without centring under another name (an RMSNorm with its std constant).
+RMS_NORMS = ("T5LayerNorm",)
+
+
 def _is_activation(module: nn.Module) -> bool:
     from transformers import activations
 
@@ -194,7 +208,7 @@ class ModifiedGradientTimesInput:
     def __enter__(self):
         for module in self.model.modules():
             name = type(module).__name__
-            if "RMSNorm" in name:
+            if "RMSNorm" in name or name in RMS_NORMS:
                 module.forward = _patched_ratio(module, gate=False)
             elif _is_activation(module):
                 module.forward = _patched_ratio(module, gate=True)
@@ -223,3 +237,19 @@ def reference_relevance(model: nn.Module, variant: str, embeds: torch.Tensor, se
         score = select(model(**{input_name: x}, **kwargs))
     score.sum().backward()
     return (x * x.grad).detach()
+
+
+def reference_relevances(model: nn.Module, variant: str, leaves: dict, select, run=None,
+                         **kwargs) -> dict:
+    """Relevance of several inputs at once (``{keyword: tensor}``) for ``select(output)`` by
+    modified Gradient×Input; ``run(model, leaves)`` calls the model itself where the inputs are
+    not all keyword arguments (default: ``model(**leaves, **kwargs)``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xs = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    with ModifiedGradientTimesInput(model, variant):
+        output = run(model, xs) if run is not None else model(**xs, **kwargs)
+        score = select(output)
+    score.sum().backward()
+    return {k: (x * x.grad).detach() if x.grad is not None else torch.zeros_like(x)
+            for k, x in xs.items()}

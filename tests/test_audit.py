@@ -597,7 +597,8 @@ def test_report_renders_and_exports():
     block = Block(bias=True).double()
     x = torch.randn(1, 4, 16, dtype=torch.float64)
     report = lrp_explicit.audit(block, x, 0, "attnlrp", record=["down"])
-    text = str(report)
+    assert str(report) == report.table()
+    text = report.table(width=200)  # wide enough for one line per module
     assert text.splitlines()[0] == "Conservation audit of Block with attnlrp (float64)"
     for name, kind, rule in [("norm1", "RMSNorm", "NormRule"), ("down", "Linear", "EpsilonRule"),
                              ("<root>", "Block", "ops")]:

@@ -1,4 +1,6 @@
-"""``python -m lrp_explicit audit``: a local tiny LLaMA folder, with and without tokenizer."""
+"""``python -m lrp_explicit audit``: a local tiny LLaMA folder, with and without tokenizer; it says
+which token it explained (the model's own arg max, or ``--target``) and that logit; low-precision
+dtypes, ``--device``, hub-style names resolved as ``explain`` resolves them."""
 from __future__ import annotations
 
 import json
@@ -51,14 +53,22 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_audit_prints_a_table(folders, capsys):
+def test_audit_prints_a_table(folders, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")  # the table fits the terminal: two lines per module
     code, out, err = run(capsys, "audit", "--model", folders["plain"], "--ids", "3,7,9",
                          "--family", "generic")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "Conservation audit of LlamaForCausalLM with attnlrp (float32)"
+    with torch.no_grad():
+        logits = tf.LlamaForCausalLM.from_pretrained(folders["plain"])(
+            input_ids=torch.tensor([[3, 7, 9]])).logits[0, -1]
+    top = int(logits.argmax())  # no tokenizer in the folder: the token is named by its id
+    assert lines[0] == f"explained: next token id {top} · logit {float(logits[top]):.6g}"
+    assert lines[1] == "Conservation audit of LlamaForCausalLM with attnlrp (float32)"
     assert any(line.startswith("model.layers.1.mlp ") for line in lines)
-    assert any(line.startswith("lm_head ") and "EpsilonRule" in line for line in lines)
+    head = next(i for i, line in enumerate(lines) if line.startswith("lm_head "))
+    assert lines[head + 1].split()[:3] == ["Linear", "·", "EpsilonRule"]
+    assert max(len(line) for line in lines) <= 80
 
 
 def test_audit_with_text_json_and_check(folders, capsys):
@@ -67,6 +77,8 @@ def test_audit_with_text_json_and_check(folders, capsys):
                          "--zero-bias", "--dtype", "float64", "--record", "model.layers.?",
                          "--target", "5", "--json", "--check")
     data = json.loads(out)
+    assert data["target"]["id"] == 5 and data["target"]["name"] == "next token 'cat' (id 5)"
+    assert data["target"]["logit"] == data["explained"]
     assert data["composite"] == "cp-lrp" and data["dtype"] == "float64"
     assert sorted(data["recorded"]) == ["model.layers.0", "model.layers.1"]
     assert data["recorded"]["model.layers.0"]["shape"] == [1, 6, 16]
@@ -89,7 +101,10 @@ def test_audit_depth_and_check_text(folders, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "{missing}", "--ids", "1"], "not a folder"),
+    (["--model", "{missing}", "--ids", "1"], "no such model folder"),
+    (["--model", "some-org/not-downloaded-model", "--ids", "1"],
+     "--model some-org/not-downloaded-model: cannot load the model"),
+    (["--model", "{plain}", "--ids", "1", "--device", "gpu7"], "--device gpu7: not a torch"),
     (["--model", "{empty}", "--ids", "1"], "no config.json"),
     (["--model", "{plain}"], "give the input with --text"),
     (["--model", "{plain}", "--text", "the cat"], "needs a tokenizer"),
@@ -103,7 +118,8 @@ def test_audit_depth_and_check_text(folders, capsys):
     (["--model", "{plain}", "--ids", "3", "--text", "a"], "not allowed with argument"),
     (["--ids", "3"], "required: --model"),
 ])
-def test_bad_input_exits_2_with_one_line(folders, tmp_path, capsys, argv, message):
+def test_bad_input_exits_2_with_one_line(folders, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub name is looked up in the cache only
     paths = dict(folders, missing=str(tmp_path / "missing"), empty=str(tmp_path))
     code, out, err = run(capsys, "audit", *[a.format(**paths) for a in argv])
     assert code == 2
@@ -142,5 +158,36 @@ def test_python_dash_m_entry_point(folders):
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        f"lrp-explicit audit: error: --model {folders['plain']}-missing: not a folder "
-        "(give a local Hugging Face model folder)"]
+        f"lrp-explicit audit: error: --model {folders['plain']}-missing: no such model folder "
+        "(give a local Hugging Face model folder or a hub name)"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_and_device(folders, capsys, dtype):
+    code, out, err = run(capsys, "audit", "--model", folders["tokenized"], "--text",
+                         "the cat sat on the", "--target", "8", "--dtype", dtype,
+                         "--device", "cpu", "--family", "generic")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("explained: next token 'mat' (id 8) · logit ")
+    assert lines[1] == f"Conservation audit of LlamaForCausalLM with attnlrp ({dtype})"
+
+
+def test_hub_style_name_from_the_cache(folders, capsys, monkeypatch, tmp_path):
+    """A hub name is resolved as explain resolves it: from the Hugging Face cache, offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name in Path(folders["tokenized"]).iterdir():
+        (snapshot / name.name).write_bytes(name.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    code, out, err = run(capsys, "audit", "--model", "tiny-org/tiny-llama", "--text",
+                         "the cat", "--family", "generic")
+    assert code == 0, err
+    assert out.splitlines()[1] == "Conservation audit of LlamaForCausalLM with attnlrp (float32)"

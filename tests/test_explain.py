@@ -4,7 +4,6 @@ initialisation equals a manual one, batches equal single calls, bad targets rais
 is left exactly as it was. Heatmap renderers: HTML, terminal, PNG, LaTeX."""
 from __future__ import annotations
 
-import html.parser
 import importlib.resources
 import shutil
 from pathlib import Path
@@ -297,46 +296,18 @@ def test_similarity_of_two_texts_on_minilm():
                                rtol=1e-5, atol=1e-7)
     assert e.score == pytest.approx(float(y.detach()), rel=1e-6) and e.task == "similarity"
     assert e.segments == [0] * 9 + [1] * 10
-    words = [w.strip() for w in e.words]
-    assert words[:3] == ["[CLS]", "the", "cat"]
+    pieces = [p.strip() for p in e.pieces]  # slices of the texts: "The" as written
+    assert pieces[:3] == ["[CLS]", "The", "cat"]
+    assert e.text == "".join(pair)
     for text in (0, 1):  # the shared word is the most relevant token of each text
         own = [i for i, s in enumerate(e.segments) if s == text]
         best = max(own, key=lambda i: float(e.relevance[i]))
-        assert words[best] == "cat", (text, words[best])
+        assert pieces[best] == "cat", (text, pieces[best])
     with pytest.raises(ValueError, match="a sentence encoder explains the similarity of two"):
         lrp_explicit.explain(model, "one text", tokenizer=tok)
 
 
 # ------------------------------------------------------------------------------ heatmaps
-
-
-class Spans(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.spans, self.title, self._in = [], None, None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "span" and attrs.get("class") == "tok":
-            self.spans.append([attrs, ""])
-            self._in = "span"
-        elif tag == "h1":
-            self._in = "h1"
-
-    def handle_endtag(self, tag):
-        self._in = None
-
-    def handle_data(self, data):
-        if self._in == "span":
-            self.spans[-1][1] += data
-        elif self._in == "h1":
-            self.title = data
-
-
-def parse(page: str) -> Spans:
-    parser = Spans()
-    parser.feed(page)
-    return parser
 
 
 def test_clean_tokens_of_each_tokenizer_kind():
@@ -346,24 +317,8 @@ def test_clean_tokens_of_each_tokenizer_kind():
                                                                        " ."]
 
 
-def test_html_terminal_latex_colours_follow_the_sign():
-    tokens, rel = ["Ġred", "Ġ<b>", "Ġblue", "Ġzero"], torch.tensor([2.0, 0.5, -1.0, 0.0])
-    parsed = parse(heatmaps.html_page(tokens, rel, "next token ' x' · score 1.5"))
-    assert parsed.title == "next token ' x' · score 1.5"
-    assert [text for _, text in parsed.spans] == ["red", "<b>", "blue", "zero"]
-    backgrounds = [attrs["style"].split(";")[0] for attrs, _ in parsed.spans]
-    # +1: the red end, +0.25: a quarter of the way from white, −0.5: half way to blue, 0: white
-    assert backgrounds == ["background:#b2182b", "background:#ecc5ca", "background:#90b2d6",
-                           "background:#ffffff"]
-    assert [float(a["data-relevance"]) for a, _ in parsed.spans] == rel.tolist()
-    assert parsed.spans[2][0]["title"] == "-1 (-0.50)"
-    term = heatmaps.terminal(tokens, rel, "t", color=True)
-    assert "\x1b[48;2;178;24;43m" in term and "\x1b[48;2;144;178;214m" in term
-    assert heatmaps.terminal(tokens, rel, "t", color=False).splitlines()[1] == \
-        "red(+1.00) <b>(+0.25) blue(-0.50) zero(+0.00)"
-    tex = heatmaps.latex(tokens, rel, "t_1 & 50%")
-    assert r"\colorbox[RGB]{178,24,43}" in tex and r"\textless{}b\textgreater{}" in tex
-    assert r"t\_1 \& 50\%" in tex
+# the renderers themselves: tests/test_heatmaps.py, test_heatmaps_terminal.py and
+# test_heatmaps_browser.py
 
 
 def test_png_and_pdf(tmp_path, monkeypatch):

@@ -254,6 +254,24 @@ def test_add_epsilon_sign_of_zero_is_positive():
     assert_rel(d(b.grad), -d(a) * R / EPS)
 
 
+def test_a_sum_updated_in_place_keeps_its_rule():
+    """``z = a + b; z += c`` (BERT's embeddings in transformers 4) under the op rules: plain
+    autograd allows the in-place update of a sum, so the rule of the first sum must not save
+    the sum it returned; both ε-rules apply, one after the other."""
+    from lrp_explicit import composites
+
+    a, b, c = leaf(4, 5), leaf(4, 5), leaf(5, requires_grad=False)
+    with composites.get("attnlrp", epsilon=EPS, strict=True).op_rules():
+        z = a + b
+        z += c
+    z1 = d(a) + d(b)
+    assert torch.equal(z, z1 + d(c))
+    R = explain(z)
+    R1 = z1 * R / s(z1 + d(c), EPS)  # the share of a + b in the second sum
+    assert_rel(d(a.grad), d(a) * R1 / s(z1, EPS))
+    assert_rel(d(b.grad), d(b) * R1 / s(z1, EPS))
+
+
 # ------------------------------------------------------------------------------ mul, identity
 
 

@@ -1,8 +1,8 @@
 """The package's layers: no module imports a module of a layer above it, and no import cycle.
 
 Layers, bottom to top (a module may import its own layer's modules and those below):
-errors/tokens → functional → ops → rules → dispatch → composites → pipeline → heatmaps →
-explain, audit → testing, evaluation → vision_task (alias) → cli → __main__ → the package root.
+errors/tokens → functional → ops → rules → dispatch → composites → pipeline → latent → heatmaps →
+explain, audit → runs → testing, evaluation → vision_task (alias) → cli → __main__ → the package root.
 Every import counts: at module level, inside functions, and under ``TYPE_CHECKING``.
 """
 from __future__ import annotations
@@ -22,8 +22,10 @@ LAYERS = [
     ("dispatch",),
     ("composites",),
     ("pipeline",),
+    ("latent",),
     ("heatmaps",),
     ("explain", "audit"),
+    ("runs",),
     ("testing", "evaluation"),
     ("vision_task",),
     ("cli",),

@@ -97,8 +97,8 @@ def tokenizer():
 def models():
     out = {}
     for attn in ATTENTION:
-        model = AutoModel.from_pretrained(model_folder(), dtype=torch.float32,
-                                          attn_implementation=attn).eval()
+        # .float() rather than dtype=: transformers before 4.56 calls that argument torch_dtype
+        model = AutoModel.from_pretrained(model_folder(), attn_implementation=attn).float().eval()
         model.requires_grad_(False)  # the reference needs frozen weights; register() keeps them
         out[attn] = model
     return out

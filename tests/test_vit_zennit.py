@@ -314,8 +314,15 @@ def recording(module: nn.Module, store: dict):
             module.register_forward_hook(post)]
 
 
+def hf_fc1(model: nn.Module) -> nn.Module:
+    """The first MLP Linear of the second ViT layer: ``vit.layers.1.mlp.fc1`` in recent
+    transformers 5 releases, ``vit.encoder.layer.1.intermediate.dense`` in older ones."""
+    modules = dict(model.named_modules())
+    return modules.get("vit.layers.1.mlp.fc1") or modules["vit.encoder.layer.1.intermediate.dense"]
+
+
 LAYERS = {  # (model, the Linear layer whose input relevance is checked)
-    "hf-fc1": ("hf-eager", lambda m: m.vit.layers[1].mlp.fc1),
+    "hf-fc1": ("hf-eager", hf_fc1),
     "torchvision-mlp": ("torchvision", lambda m: m.encoder.layers[1].mlp[0]),
     # the out-projection of nn.MultiheadAttention is zennit's too (the rule calls it)
     "torchvision-out_proj": ("torchvision", lambda m: m.encoder.layers[0].self_attention.out_proj),

@@ -204,8 +204,17 @@ class AuditReport:
 
     # ------------------------------------------------------------------ rendering
 
-    def table(self, depth: int | None = None, threshold: float = 1e-9) -> str:
-        """Render the report as a fixed-width text table.
+    def table(self, depth: int | None = None, threshold: float = 1e-9,
+              width: int | None = None) -> str:
+        """Render the report as a text table that fits ``width`` columns.
+
+        The full table has one line per module and nine columns (module, type, rule, R at
+        output, R at inputs, absorbed, absorbed by, max |R|, flags). Where it is wider than
+        ``width``, each module takes two lines instead (its name, then its type, rule and flags
+        indented below it) and the absorbers are listed one per line; where that is still too
+        wide, the derived columns *R at inputs* (``R at output − absorbed``) and *max |R|*
+        are left out (both are in :meth:`to_dict`) and long names fold. No line is wider than
+        ``width``.
 
         Parameters
         ----------
@@ -213,24 +222,31 @@ class AuditReport:
             Show modules up to this many name components (``model.layers.0`` is 3).
         threshold : float
             Absorbers below ``threshold · scale`` are not listed in the "absorbed by" column.
+        width : int, optional
+            Columns (at least 40); by default the terminal's width (``COLUMNS``, the
+            terminal's size, else 80).
+
+        Returns
+        -------
+        str
+            The table, drawn with rich, plain text.
         """
         pct = 100 * self.input_total / self.explained if self.explained else float("nan")
-        lines = [
+        header = [
             f"Conservation audit of {self.model} with {self.composite} ({self.dtype})",
             f"explained output {_num(self.explained)}   input relevance "
-            f"{_num(self.input_total)} ({pct:.4g} %)   absorbed {_num(self.absorbed)}",
-            f"absorbed by: {_by(self.absorbed_by, threshold * self.scale) or 'nothing'}"
+            f"{_num(self.input_total)} ({pct:.4g} %)",
+            f"absorbed {_num(self.absorbed)}, by: "
+            f"{_by(self.absorbed_by, threshold * self.scale) or 'nothing'}"
             + (f"   unaccounted {_num(self.unaccounted)}"
                if abs(self.unaccounted) > threshold * self.scale else ""),
             "unruled ops: " + (", ".join(f"{u.op} in '{u.module}' ×{u.count}"
                                          for u in self.unruled) or "none"),
         ]
         if self.first_nonfinite or self.first_nonfinite_forward:
-            lines.append(f"non-finite: relevance first at '{self.first_nonfinite}' "
-                         f"({self.first_nonfinite_op}); forward first at "
-                         f"'{self.first_nonfinite_forward}'")
-        head = ("module", "type", "rule", "R at output", "R at inputs", "absorbed",
-                "absorbed by", "max |R|", "flags")
+            header.append(f"non-finite: relevance first at '{self.first_nonfinite}' "
+                          f"({self.first_nonfinite_op}); forward first at "
+                          f"'{self.first_nonfinite_forward}'")
         rows = []
         for r in self.modules:
             if depth is not None and r.name[0] != "<" and r.name.count(".") >= depth:
@@ -239,16 +255,13 @@ class AuditReport:
                                      ("NaN-fwd", r.nonfinite_forward)) if on]
             if r.calls > 1:
                 flags.append(f"calls={r.calls}")
-            rows.append((r.name, r.type, r.rule, _num(r.relevance_at_output),
-                         _num(r.relevance_at_input), _num(r.absorbed),
-                         _by(r.absorbed_by, threshold * self.scale), _num(r.max_abs),
-                         " ".join(flags)))
-        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-        fmt = "  ".join(f"{{:{'>' if 3 <= i <= 5 or i == 7 else '<'}{w}}}"
-                        for i, w in enumerate(widths))
-        lines += ["", fmt.format(*head).rstrip(), "  ".join("-" * w for w in widths)]
-        lines += [fmt.format(*row).rstrip() for row in rows]
-        return "\n".join(lines)
+            rows.append({"module": r.name, "type": r.type, "rule": r.rule,
+                         "R at output": _num(r.relevance_at_output),
+                         "R at inputs": _num(r.relevance_at_input),
+                         "absorbed": _num(r.absorbed),
+                         "absorbed by": _by_items(r.absorbed_by, threshold * self.scale),
+                         "max |R|": _num(r.max_abs), "flags": " ".join(flags)})
+        return _render_table(header, rows, width)
 
     def __str__(self) -> str:
         return self.table()
@@ -262,9 +275,98 @@ def _num(x: float) -> str:
     return f"{x:.6g}" if math.isfinite(x) else str(x)
 
 
-def _by(by: Mapping[str, float], cut: float) -> str:
+def _by_items(by: Mapping[str, float], cut: float) -> list[str]:
     items = sorted(((k, v) for k, v in by.items() if not abs(v) <= cut), key=lambda kv: -abs(kv[1]))
-    return ", ".join(f"{k} {_num(v)}" for k, v in items)
+    return [f"{k} {_num(v)}" for k, v in items]
+
+
+def _by(by: Mapping[str, float], cut: float) -> str:
+    return ", ".join(_by_items(by, cut))
+
+
+_NUMBERS = ("R at output", "R at inputs", "absorbed", "max |R|")
+_STACKED = "module\n  type · rule · flags"
+
+
+def _render_table(header: list[str], rows: list[dict[str, Any]], width: int | None) -> str:
+    """The report's header lines and module table, drawn with rich to fit ``width`` columns:
+    one line per module if that fits; else two (type, rule and flags under the name) with the
+    absorbers one per line; else also without the derived columns (R at inputs, max |R|).
+    Absorbers wrap between kind and value before a module name folds."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    if width is None:
+        width = Console().width
+    if not isinstance(width, int) or isinstance(width, bool) or width < 40:
+        raise ValueError(f"width must be an int of at least 40 columns, got {width!r}")
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False,
+                      force_jupyter=False, highlight=False, markup=False, emoji=False,
+                      soft_wrap=False, _environ={})
+
+    def span(name: str, cells: list[str]) -> int:
+        return max(len(line) for text in [name, *cells] for line in text.split("\n"))
+
+    def below(row: dict[str, Any]) -> str:
+        return "  " + " · ".join(x for x in (row["type"], row["rule"], row["flags"]) if x)
+
+    wide_cols = ["module", "type", "rule", "R at output", "R at inputs", "absorbed",
+                 "absorbed by", "max |R|", "flags"]
+    wide_w = {c: span(c, [", ".join(r[c]) if c == "absorbed by" else r[c] for r in rows])
+              for c in wide_cols}
+    gap = 2  # right padding and the column separator
+    if sum(wide_w.values()) + gap * (len(wide_cols) - 1) <= width:
+        layout, numbers = "wide", _NUMBERS
+    else:
+        by_full = span("absorbed by", ["\n".join(r["absorbed by"]) for r in rows])
+        # the absorbers wrap between kind and value; numbers never fold, a long kind may
+        by_word = max([12] + [len(item.split()[-1]) for r in rows for item in r["absorbed by"]])
+        module_full = span(_STACKED, [r["module"] + "\n" + below(r) for r in rows])
+        longest_name = max([12] + [len(r["module"]) for r in rows])
+        layout = "narrow"
+        for layout, numbers in (("stacked", _NUMBERS),
+                                ("narrow", ("R at output", "absorbed"))):
+            fixed = sum(span(n, [r[n] for r in rows]) for n in numbers) + gap * (len(numbers) + 1)
+            if fixed + longest_name + by_word <= width:
+                break
+        avail = width - fixed
+        by = by_full if module_full + by_full <= avail else \
+            max(by_word, min(by_full, avail - longest_name))
+        module = max(12, min(module_full, avail - by))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
+                  safe_box=True)
+    if layout == "wide":
+        for c in wide_cols:
+            table.add_column(c, justify="right" if c in _NUMBERS else "left", no_wrap=True)
+        for r in rows:
+            table.add_row(*[", ".join(r[c]) if c == "absorbed by" else r[c] for c in wide_cols])
+    else:
+        table.add_column(_STACKED, width=module, overflow="fold")
+        for n in numbers[:3]:
+            table.add_column(n, justify="right", no_wrap=True)
+        table.add_column("absorbed by", width=by, overflow="fold")
+        if "max |R|" in numbers:
+            table.add_column("max |R|", justify="right", no_wrap=True)
+        for r in rows:
+            cells = [Text(r["module"] + "\n" + below(r))] + [r[n] for n in numbers[:3]]
+            cells.append("\n".join(item if len(item) <= by else item.replace(" ", "\n")
+                                   for item in r["absorbed by"]))
+            if "max |R|" in numbers:
+                cells.append(r["max |R|"])
+            table.add_row(*cells)
+    for line in header:
+        console.print(Text(line), overflow="fold")
+    console.print()
+    console.print(table)
+    if layout == "narrow":
+        console.print(Text("(R at inputs = R at output − absorbed; max |R| per module in the "
+                           "JSON report)"), overflow="fold")
+    lines = console.file.getvalue().rstrip("\n").split("\n")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def jsonable(x: Any) -> Any:

@@ -21,7 +21,9 @@ from .wrappers import unwrap
 from . import generic  # noqa: F401  (first: the fallback family)
 from . import bert, gemma, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe  # noqa: F401
 from . import torchvision_vit, vit  # noqa: F401
+from . import clip, llava, t5  # noqa: F401
+from .clip import vision_gamma
 
 __all__ = ["Composite", "CompositeError", "get", "register", "unregister", "available",
            "family_of", "carrier", "UnknownModelError", "GENERIC", "normalise_name",
-           "unwrap"]
+           "unwrap", "vision_gamma"]

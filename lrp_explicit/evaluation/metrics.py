@@ -19,6 +19,11 @@ the order of decreasing relevance (MoRF, :func:`deletion_order`) or its reverse 
 model's score after ``k`` of ``n`` deletions, at the fraction ``k / n``, is the deletion curve.
 :func:`deleted_inputs` builds the inputs, :func:`deletion_auc` the area under a curve over
 ``[0, 1]`` and :func:`curve_on_grid` puts curves of different lengths on one grid to average.
+*Inserting* tokens into an input whose tokens are all replaced is :func:`inserted_inputs`;
+:func:`perturbed_embeddings` does both in embedding space (any replacement embedding: a
+token's, zero, the mean), :func:`area_between` measures the area between the MoRF and LeRF
+curves and :func:`random_orders` gives a random attribution's orders.
+:func:`lrp_explicit.evaluate` runs all of them on a dataset of explanations.
 
 Examples
 --------
@@ -36,7 +41,8 @@ from torch import Tensor
 
 __all__ = ["ranks", "best_rank", "pointing_game", "reciprocal_rank", "mass_accuracy",
            "sign_agreement", "token_metrics", "deletion_order", "deleted_inputs",
-           "deletion_auc", "curve_on_grid"]
+           "deletion_auc", "curve_on_grid", "inserted_inputs", "perturbed_embeddings",
+           "area_between", "random_orders"]
 
 
 def _valid(relevance: Tensor, valid: Tensor | None) -> Tensor:
@@ -265,3 +271,111 @@ def curve_on_grid(curves: Tensor, grid: Tensor) -> Tensor:
     left = where.floor().long().clamp(max=n - 1)
     weight = where - left
     return curves[..., left] * (1 - weight) + curves[..., left + 1] * weight
+
+
+# ------------------------------------------------------------------------------ perturbation
+
+
+def inserted_inputs(ids: Tensor, orders: Tensor, replacement: int, offset: int = 0) -> Tensor:
+    """Token ids after *inserting* the first ``k`` tokens of each order into an input whose
+    tokens are all replaced, for ``k = 0 .. n`` (the insertion counterpart of
+    :func:`deleted_inputs`).
+
+    Parameters
+    ----------
+    ids : Tensor
+        ``(length,)`` token ids; the perturbed tokens are ``ids[offset : offset + n]``.
+    orders : Tensor
+        ``(orders, n)`` permutations of ``0 .. n-1``.
+    replacement : int
+        Id of a token not yet inserted.
+    offset : int
+        Position of the first perturbed token.
+
+    Returns
+    -------
+    Tensor
+        ``(orders, n + 1, length)``: row ``k`` of each order has only its first ``k`` tokens
+        back (row 0 has all ``n`` replaced, row ``n`` is ``ids``).
+    """
+    return deleted_inputs(ids, orders.flip(-1), replacement, offset).flip(1)
+
+
+def perturbed_embeddings(x: Tensor, positions: Tensor, orders: Tensor, steps: Tensor,
+                         replacement: Tensor, insert: bool = False) -> Tensor:
+    """Input embeddings with tokens replaced by a replacement embedding, step by step.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``(length, hidden)`` embeddings of one input.
+    positions : Tensor
+        ``(n,)`` the positions that may be perturbed.
+    orders : Tensor
+        ``(orders, n)`` permutations of ``0 .. n-1`` (indices into ``positions``), e.g.
+        :func:`deletion_order` of their relevance.
+    steps : Tensor
+        ``(steps,)`` numbers ``k`` of perturbed tokens, in ``0 .. n``.
+    replacement : Tensor
+        ``(hidden,)`` the embedding that replaces a token (e.g. the ``[MASK]`` token's, zero
+        or the mean embedding).
+    insert : bool
+        ``False``: deletion, the first ``k`` positions of each order are replaced.
+        ``True``: insertion, every position is replaced except the first ``k`` of the order.
+
+    Returns
+    -------
+    Tensor
+        ``(orders, steps, length, hidden)``.
+
+    Notes
+    -----
+    With one replacement, inserting the first ``k`` of an order is deleting the first
+    ``n − k`` of the reversed order: the insertion curve of MoRF is the deletion curve of LeRF
+    read backwards.
+    """
+    n_orders, n = orders.shape
+    if positions.shape != (n,):
+        raise ValueError(f"{n} orders' entries for {tuple(positions.shape)} positions")
+    steps = steps.to(orders.device)
+    if steps.numel() and (int(steps.min()) < 0 or int(steps.max()) > n):
+        raise ValueError(f"steps must lie in 0 .. {n}")
+    rank = torch.empty_like(orders).scatter_(
+        1, orders, torch.arange(n, device=orders.device).expand_as(orders))
+    chosen = rank[:, None, :] < steps[None, :, None]  # (orders, steps, n)
+    replaced = ~chosen if insert else chosen
+    mask = torch.zeros(n_orders, len(steps), x.shape[0], dtype=torch.bool, device=x.device)
+    mask[..., positions.to(x.device)] = replaced.to(x.device)
+    out = x.expand(n_orders, len(steps), *x.shape).clone()
+    out[mask] = replacement.to(x.dtype).to(x.device)
+    return out
+
+
+def area_between(morf: Tensor, lerf: Tensor, fractions: Tensor | None = None) -> Tensor:
+    """Area between two perturbation curves, ``∫ (lerf − morf)`` over the perturbed fraction
+    (trapezoid rule): large when removing the most relevant tokens first hurts the score much
+    more than removing the least relevant first.
+
+    Parameters
+    ----------
+    morf, lerf : Tensor
+        ``(..., points)`` the curves (e.g. deletion MoRF and LeRF).
+    fractions : Tensor, optional
+        ``(points,)`` where the points lie in ``[0, 1]``; default evenly spaced.
+
+    Returns
+    -------
+    Tensor
+        ``(...,)`` areas.
+    """
+    if morf.shape != lerf.shape:
+        raise ValueError(f"curves of shapes {tuple(morf.shape)} and {tuple(lerf.shape)}")
+    if fractions is None:
+        return deletion_auc(lerf - morf)
+    return torch.trapezoid(lerf - morf, fractions.to(morf.dtype), dim=-1)
+
+
+def random_orders(n: int, count: int, generator: torch.Generator | None = None) -> Tensor:
+    """``(count, n)`` random permutations of ``0 .. n-1`` (a random attribution's orders)."""
+    return torch.stack([torch.randperm(n, generator=generator) for _ in range(count)]) \
+        if count else torch.empty(0, n, dtype=torch.long)

@@ -171,10 +171,10 @@ def relevance_mass_accuracy(relevance: Tensor, boxes: Tensor) -> Tensor:
     if relevance.dim() != 3 or boxes.shape != (relevance.shape[0], 4):
         raise ValueError(f"relevance must be (n, H, W) or (n, C, H, W) and boxes (n, 4); got "
                          f"{tuple(relevance.shape)} and {tuple(boxes.shape)}")
-    positive = relevance.clamp(min=0).double()
-    inside = (positive * box_mask(boxes, relevance.shape[-1])).sum((-2, -1))
-    total = positive.sum((-2, -1))
-    return torch.where(total > 0, inside / total.clamp(min=1e-300), torch.zeros_like(total))
+    from .metrics import mass_accuracy
+
+    truth = box_mask(boxes, relevance.shape[-1])
+    return mass_accuracy(relevance.flatten(1), truth.flatten(1))
 
 
 # -------------------------------------------------------------------------------- the model

@@ -2,34 +2,63 @@
 :class:`~lrp_explicit.explain.result.Explanation`."""
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..composites import Composite, unwrap
-from ..pipeline import (SOFTMAX, Prepared, Target, attribute, check_finite, collate, embed,
-                        main_output, make_leaf, per_sample, prepare, resolve_composite,
-                        split_batch, task_of)
+from ..pipeline import (
+    SOFTMAX,
+    Prepared,
+    Target,
+    attribute,
+    check_finite,
+    collate,
+    embed,
+    main_output,
+    make_leaf,
+    per_sample,
+    prepare,
+    resolve_composite,
+    split_batch,
+    task_of,
+)
 from ..pipeline import progress as show_progress
+from ..pipeline.core import grad_enabled
 from ..pipeline.inputs import check_length
-from ..pipeline.targets import (check_position, class_id, class_name, explained_row,
-                                logit_relevance, plain_spec, resolve_ids, token_ids, token_name)
-from ..tokens import clean_tokens
-from .result import Explanation
+from ..pipeline.targets import (
+    check_position,
+    decoded_pieces,
+    explained_row,
+    logit_relevance,
+    plain_spec,
+    resolve_ids,
+)
+from .common import contrast_id as _common_contrast_id
+from .common import model_name, namer, vocabulary
+from .generate import explain_generation
+from .result import Explanation, ExplanationBatch, GenerationExplanation
+from .tasks import OWN_TASKS, explain_task
+from .words import TokenText, extend_text, join_text, token_text
 
-__all__ = ["explain", "mean_pool", "cosine", "BATCH_SIZE"]
+__all__ = ["BATCH_SIZE", "cosine", "explain", "mean_pool"]
 
 #: Default number of samples explained in one forward and one backward pass.
 BATCH_SIZE = 8
 
 
+@grad_enabled()
 def explain(model: nn.Module, inputs: Any, target: Any = None,
             composite: str | Composite = "attnlrp", contrast: Any = None,
             tokenizer: Any = None, *, position: int | None = None,
             record: Sequence[str] = (), progress: bool | None = None,
-            batch_size: int = BATCH_SIZE) -> Explanation | list[Explanation]:
+            batch_size: int = BATCH_SIZE, continuation: bool = False,
+            generate: int | None = None,
+            generation_kwargs: Mapping[str, Any] | None = None
+            ) -> Explanation | GenerationExplanation | ExplanationBatch:
     """Explain a prediction of ``model`` with LRP and return the relevance of each input token
     (or pixel).
 
@@ -54,11 +83,14 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         forward and one backward pass (padded on the right where their lengths differ), and
         each gets exactly the relevance it gets alone.
     target : int, str or list of int, optional
-        The token or class to explain; default: the model's prediction. For a causal LM a
-        text of several tokens or a list of ids is a continuation: it is appended to the input
-        and the sum of its logits (each at the position before it) is explained. A classifier
-        also takes a label name. For a batch: one target for all samples, or a list with one
-        per sample (so a continuation for a batch is a list of lists).
+        The token or class to explain; default: the model's prediction. A text must be one
+        token (``" Paris"``, with the space a byte-level tokenizer puts before a word): a text
+        that the tokenizer splits into several tokens is an error that names the pieces and
+        the single-token form if there is one, unless ``continuation=True``. For a causal LM a
+        list of ids is a continuation: it is appended to the input and the sum of its logits
+        (each at the position before it) is explained. A classifier also takes a label name.
+        For a batch: one target for all samples, or a list with one per sample (so a
+        continuation for a batch is a list of lists).
     composite : str or Composite
         Registry name (``"attnlrp"``, ``"cp-lrp"``) or a :class:`~lrp_explicit.Composite`.
     contrast : int, str, optional
@@ -78,12 +110,28 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         Show a progress bar for batches (default: when there are at least two samples).
     batch_size : int
         Samples per forward and backward pass (no rule mixes the samples of a batch, so the
-        sum of their explained scores is explained at once).
+        sum of their explained scores is explained at once); with ``generate``, generated
+        tokens per pass.
+    continuation : bool
+        A causal LM's ``target`` text is a continuation, whatever its number of tokens: it is
+        appended to the input and the sum of its tokens' logits is explained.
+    generate : int, optional
+        Let the causal LM generate up to this many tokens after the prompt (its own
+        ``generate``, greedy by default) and explain each generated token from the tokens
+        before it: a :class:`~lrp_explicit.GenerationExplanation` whose ``relevance[i, j]`` is
+        the relevance of token ``j`` for generated token ``i`` (row ``i`` equals ``explain``
+        of the prefix with ``target`` the generated token; see
+        :mod:`lrp_explicit.explain.generate`). ``contrast`` applies at every step; no
+        ``target`` or ``position``.
+    generation_kwargs : mapping, optional
+        More arguments of ``model.generate`` (``do_sample``, ``temperature``,
+        ``repetition_penalty`` …).
 
     Returns
     -------
-    Explanation or list of Explanation
-        One explanation, or a list for a batch.
+    Explanation, GenerationExplanation or ExplanationBatch
+        One explanation, or for a batch an :class:`~lrp_explicit.ExplanationBatch` (a list
+        with ``save``, ``to_html`` and a notebook view).
 
     Raises
     ------
@@ -99,20 +147,31 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     target, contrast = plain_spec(target), plain_spec(contrast)
     task = task_of(model)
     comp = resolve_composite(composite, model)  # looked up once; an unknown name fails first
+    if task in OWN_TASKS:  # encoder–decoders and image–text models: explain/tasks.py
+        return explain_task(task, model, inputs, target, comp, contrast, tokenizer,
+                            position=position, record=record, generate=generate,
+                            generation_kwargs=generation_kwargs, batch_size=batch_size,
+                            continuation=continuation)
     samples = split_batch(inputs, task)
+    if generate is not None:
+        return _generations(model, inputs, samples, target, contrast, comp, tokenizer,
+                            position, record, progress, batch_size, continuation, generate,
+                            generation_kwargs)
+    if generation_kwargs is not None:
+        raise ValueError("generation_kwargs needs generate=N (the number of tokens to generate)")
     if samples is None:
         return _explain_chunk(model, [inputs], [target], [contrast], comp, tokenizer, task,
-                              position, record)[0]
+                              position, record, continuation)[0]
     targets, contrasts = per_sample(target, len(samples)), per_sample(contrast, len(samples))
     show = progress if progress is not None else True
     chunks = [range(i, min(i + batch_size, len(samples)))
               for i in range(0, len(samples), batch_size)]
     bar = show_progress(range(len(samples)), show, total=len(samples))
-    out: list[Explanation] = []
+    out = ExplanationBatch()
     for chunk in chunks:
         out += _explain_chunk(model, [samples[i] for i in chunk], [targets[i] for i in chunk],
                               [contrasts[i] for i in chunk], comp, tokenizer, task, position,
-                              record)
+                              record, continuation)
         if hasattr(bar, "update"):
             bar.update(len(chunk))
     if hasattr(bar, "close"):
@@ -120,20 +179,32 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     return out
 
 
-def _model_name(model: nn.Module) -> str:
-    model = unwrap(model)
-    config = getattr(model, "config", None)
-    path = str(getattr(config, "_name_or_path", "") or "")
-    return path.rstrip("/").split("/")[-1] or type(model).__name__
+def _generations(model: nn.Module, inputs: Any, samples: list[Any] | None, target: Any,
+                 contrast: Any, comp: Composite, tokenizer: Any, position: int | None,
+                 record: Sequence[str], progress: bool | None, batch_size: int,
+                 continuation: bool, generate: int, options: Mapping[str, Any] | None
+                 ) -> GenerationExplanation | ExplanationBatch:
+    """``explain(..., generate=N)``: one prompt, or each prompt of a batch in turn."""
+    if target is not None or continuation:
+        raise ValueError("generate= explains the tokens the model generates: give no target "
+                         "(or continuation)")
+    if position is not None:
+        raise ValueError("generate= explains each generated token at its own position: give "
+                         "no position")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"generation_kwargs must be a dict, not {type(options).__name__}")
+    if samples is None:
+        return explain_generation(model, inputs, comp, tokenizer, contrast, generate, options,
+                                  record=record, batch_size=batch_size, progress=progress)
+    contrasts = per_sample(contrast, len(samples))
+    return ExplanationBatch(
+        explain_generation(model, sample, comp, tokenizer, c, generate, options, record=record,
+                           batch_size=batch_size, progress=progress)
+        for sample, c in zip(samples, contrasts))
 
 
-def _vocabulary(model: nn.Module) -> int:
-    model = unwrap(model)
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, Tensor):
-        return weight.shape[0]
-    return int(model.config.vocab_size)
+_model_name = model_name
+_vocabulary = vocabulary
 
 
 @dataclass
@@ -144,30 +215,53 @@ class _Sample:
     target: Any
     contrast: Any
     continuation: list[int] | None = None
+    texts: tuple[str, ...] | None = None
+
+
+def _texts(inp: Any) -> tuple[str, ...] | None:
+    """The text (or pair of texts) of an input given as text."""
+    if isinstance(inp, str):
+        return (inp,)
+    if isinstance(inp, tuple) and inp and all(isinstance(t, str) for t in inp):
+        return inp
+    return None
 
 
 def _sample(model: nn.Module, inp: Any, target: Any, contrast: Any, tokenizer: Any,
-            task: str | None) -> _Sample:
+            task: str | None, continuation: bool = False) -> _Sample:
     target, contrast = plain_spec(target), plain_spec(contrast)
     item = prepare(model, inp, tokenizer, task)
-    if task == "causal-lm" and target is not None and not isinstance(target, int):
-        ids = resolve_ids(target, task, _vocabulary(model), tokenizer, None, 0)
+    texts = _texts(inp)
+    if continuation and task != "causal-lm":
+        raise ValueError(f"continuation=True is for a causal LM; a {task or 'plain'} model "
+                         "explains one token or class")
+    if task == "causal-lm" and target is not None \
+            and (continuation or not isinstance(target, int)):
+        ids = resolve_ids(target, task, _vocabulary(model), tokenizer, None, 0,
+                          continuation=continuation)
         if isinstance(ids, list):
             if contrast is not None:
                 raise ValueError("a continuation cannot be contrasted; give one target token")
-            return _Sample(_extend(model, item, ids, tokenizer), target, contrast, ids)
-    return _Sample(item, target, contrast)
+            return _Sample(_extend(model, item, ids, tokenizer), target, contrast, ids, texts)
+    elif continuation:
+        raise ValueError("continuation=True needs a target: the text or token ids of the "
+                         "continuation")
+    return _Sample(item, target, contrast, None, texts)
 
 
 def _explain_chunk(model: nn.Module, inputs: list[Any], targets: list[Any],
                    contrasts: list[Any], comp: Composite, tokenizer: Any, task: str | None,
-                   position: int | None, record: Sequence[str]) -> list[Explanation]:
+                   position: int | None, record: Sequence[str],
+                   continuation: bool = False) -> list[Explanation]:
     """Explain the samples of one chunk in one forward and one backward pass (one pass per
     sample where they cannot share one)."""
     if task == "similarity":
+        if continuation:
+            raise ValueError("continuation=True is for a causal LM; a sentence encoder "
+                             "explains a similarity")
         return _explain_similarities(model, inputs, targets, contrasts, comp, tokenizer,
                                      record)
-    samples = [_sample(model, inp, t, c, tokenizer, task)
+    samples = [_sample(model, inp, t, c, tokenizer, task, continuation)
                for inp, t, c in zip(inputs, targets, contrasts)]
     batch = collate(model, [s.item for s in samples])
     if batch is None:
@@ -204,14 +298,30 @@ def _explain_samples(model: nn.Module, samples: list[_Sample], batch: Prepared,
             prompt = len(tokens) - len(s.continuation)
             segments = [0] * prompt + [1] * len(s.continuation)
             names = ["prompt", "continuation"]
+        ids = s.item.ids[0].tolist() if s.item.ids is not None and tokens is not None \
+            and s.item.ids.shape[-1] == len(tokens) else None
         out.append(Explanation(
             tokens=tokens, relevance=relevance, score=info["score"], target=info["target"],
             label=info["label"], task=task or "classification",
             contrast=_contrast_value(s.contrast, task, tokenizer, config, logits),
             prediction=info["prediction"], segments=segments, segment_names=names,
             image=s.item.image, latent=_latent(result.latent, b, len(samples), n, width),
-            composite=comp.name, model=_model_name(model)))
+            composite=comp.name, model=_model_name(model), ids=ids,
+            token_text=_token_text(tokenizer, s.texts, ids, tokens, s.continuation)))
     return out
+
+
+def _token_text(tokenizer: Any, texts: tuple[str, ...] | None, ids: list[int] | None,
+                tokens: list[str] | None, continuation: list[int] | None) -> TokenText | None:
+    """Pieces and words of the tokens (offsets of the text; the continuation decoded)."""
+    if ids is None or tokens is None or tokenizer is None:
+        return None
+    extra = len(continuation or [])
+    prompt = len(ids) - extra
+    text = token_text(tokenizer, texts, ids[:prompt], tokens[:prompt])
+    if extra:
+        text = extend_text(tokenizer, text, ids[:prompt], ids[prompt:], tokens[prompt:])
+    return text
 
 
 def _latent(latent: dict[str, Tensor], b: int, size: int, length: int | None,
@@ -295,13 +405,10 @@ def _per_position(grad: Tensor) -> Tensor:
 def _words(tokenizer: Any, ids: list[int]) -> list[str]:
     if tokenizer is None:
         return [f" {i}" for i in ids]
-    return clean_tokens(tokenizer.convert_ids_to_tokens(list(ids)))
+    return decoded_pieces(tokenizer, ids)
 
 
-def _namer(task: str | None, tokenizer: Any, config: Any) -> Callable[[int], str]:
-    if task in ("causal-lm", "masked-lm"):
-        return lambda i: token_name(tokenizer, i)
-    return lambda i: class_name(config, i)
+_namer = namer
 
 
 def _label(task: str | None, name: str, row: tuple[int, ...]) -> str:
@@ -314,13 +421,7 @@ def _label(task: str | None, name: str, row: tuple[int, ...]) -> str:
     return name
 
 
-def _contrast_id(spec: Any, task: str | None, size: int, tokenizer: Any, config: Any) -> int:
-    if task in ("causal-lm", "masked-lm"):
-        ids = token_ids(spec, tokenizer, size, "contrast")
-        if len(ids) != 1:
-            raise ValueError(f"contrast {spec!r} is {len(ids)} tokens; give one token")
-        return ids[0]
-    return class_id(spec, config, size, "contrast class")
+_contrast_id = _common_contrast_id
 
 
 def _contrast_value(contrast: Any, task: str | None, tokenizer: Any, config: Any,
@@ -403,7 +504,7 @@ def _explain_similarities(model: nn.Module, pairs: list[Any], targets: list[Any]
     result = attribute(model, batches, similarity, comp, record=record, label="similarity")
     out = []
     for i in range(len(pairs)):
-        parts, tokens, segments = [], [], []
+        parts, tokens, segments, ids, texts = [], [], [], [], []
         for k, (batch, side) in enumerate(zip(batches, sides)):
             n = batch.lengths[i] if batch.lengths is not None else None
             grad = result.relevances[k]["inputs_embeds"][i:i + 1]
@@ -411,6 +512,9 @@ def _explain_similarities(model: nn.Module, pairs: list[Any], targets: list[Any]
             words = (side[i].tokens or [[]])[0]
             tokens += words
             segments += [k] * len(words)
+            own = side[i].ids[0].tolist() if side[i].ids is not None else None
+            ids = ids + own if ids is not None and own is not None else None
+            texts.append(_token_text(tokenizer, _texts(pairs[i][k]), own, words, None))
         relevance = torch.cat(parts)
         check_finite(relevance, "relevance")
         out.append(Explanation(
@@ -419,5 +523,6 @@ def _explain_similarities(model: nn.Module, pairs: list[Any], targets: list[Any]
             label="similarity of text 1 and text 2", task="similarity", segments=segments,
             segment_names=["text 1", "text 2"],
             latent=_latent(result.latent, i, len(pairs), None), composite=comp.name,
-            model=_model_name(model)))
+            model=_model_name(model), ids=ids if ids and len(ids) == len(tokens) else None,
+            token_text=join_text(texts)))
     return out

@@ -10,8 +10,9 @@ contrast or the softmax-style initialisation.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -19,9 +20,26 @@ from torch import Tensor
 from ..tokens import clean_tokens
 from .inputs import Prepared
 
-__all__ = ["Target", "TargetSpec", "SOFTMAX", "main_output", "tensors", "output_target",
-           "logit_relevance", "token_ids", "class_id", "token_name", "class_name",
-           "explained_row", "resolve_ids", "as_index", "plain_spec", "check_position"]
+__all__ = [
+    "SOFTMAX",
+    "Target",
+    "TargetSpec",
+    "as_index",
+    "check_position",
+    "class_id",
+    "class_name",
+    "explained_row",
+    "logit_relevance",
+    "main_output",
+    "output_target",
+    "plain_spec",
+    "resolve_ids",
+    "several_tokens",
+    "decoded_pieces",
+    "tensors",
+    "token_ids",
+    "token_name",
+]
 
 #: ``contrast=SOFTMAX``: initial relevance ``z_t`` for the target's logit and ``−z_j/N`` for
 #: every other logit ``z_j`` (the weights 1 and −1/N of a softmax-style explanation).
@@ -183,13 +201,29 @@ def _check_index(index: Any, size: int, what: str) -> int:
     return index
 
 
-def token_ids(spec: Any, tokenizer: Any, size: int, what: str) -> list[int]:
+def token_ids(spec: Any, tokenizer: Any, size: int, what: str, *,
+              several: bool = True) -> list[int]:
     """Token ids of a target or contrast: an id, a token, a text or a list of ids.
+
+    Parameters
+    ----------
+    spec : int, str or list of int
+        An id, a token as the tokenizer spells it (``"Ġcat"``), a text, or a list of ids.
+    tokenizer : tokenizer or None
+        Needed for text.
+    size : int
+        The vocabulary size.
+    what : str
+        ``"target"`` or ``"contrast"``, for messages.
+    several : bool
+        Whether a text may give several tokens (a continuation); when ``False`` such a text is
+        an error naming its pieces and the single-token form of the text, if there is one.
 
     Raises
     ------
     ValueError
-        For ids outside a vocabulary of ``size``, an empty or unknown text.
+        For ids outside a vocabulary of ``size``, an empty or unknown text, or a text of
+        several tokens when ``several`` is ``False``.
     """
     if isinstance(spec, str):
         if tokenizer is None:
@@ -200,17 +234,62 @@ def token_ids(spec: Any, tokenizer: Any, size: int, what: str) -> list[int]:
         if spec in vocab:
             ids = [vocab[spec]]
         else:
-            ids = list(tokenizer(spec, add_special_tokens=False)["input_ids"])
+            ids = _encode(tokenizer, spec)
             unk = getattr(tokenizer, "unk_token_id", None)
             if not ids or (unk is not None and unk in ids):
                 raise ValueError(f"{what} {spec!r} is not in the vocabulary"
                                  + (" (the tokenizer maps it to its unknown token)" if ids else ""))
+        if len(ids) > 1 and not several:
+            raise ValueError(several_tokens(spec, ids, tokenizer, what))
         return [_check_index(i, size, f"{what} token") for i in ids]
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise ValueError(f"the {what} continuation is empty")
         return [_check_index(i, size, f"{what} token") for i in spec]
     return [_check_index(spec, size, f"{what} token")]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decoded_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """What each token adds to the decoded text of the tokens before it (``['Par', 'is']``);
+    the tokens with their markers read (:func:`~lrp_explicit.tokens.clean_tokens`) where the
+    tokenizer cannot decode."""
+    ids = list(ids)
+    marked = clean_tokens(tokenizer.convert_ids_to_tokens(ids))
+    out = []
+    for k in range(len(ids)):
+        try:
+            before, upto = (tokenizer.decode(ids[:j], skip_special_tokens=False,
+                                             clean_up_tokenization_spaces=False)
+                            for j in (k, k + 1))
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+            return marked
+        ok = upto.startswith(before) and "\ufffd" not in upto[len(before):]
+        out.append(upto[len(before):] if ok else marked[k])
+    return out
+
+
+def several_tokens(spec: str, ids: Sequence[int], tokenizer: Any, what: str,
+                   hint: bool = True) -> str:
+    """The message for a text target or contrast that the tokenizer splits into several tokens:
+    its pieces, and the single-token form of the text if there is one (``"Paris" → ['Par',
+    'is']; did you mean ' Paris'?``)."""
+    message = f"{what} {spec!r} is {len(ids)} tokens {decoded_pieces(tokenizer, ids)!r}"
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for form in dict.fromkeys([" " + spec.lstrip(), spec.strip(), spec.lstrip()]):
+        if form and form != spec:
+            one = _encode(tokenizer, form)
+            if len(one) == 1 and one[0] != unk:
+                message += f"; did you mean {form!r} (one token)?"
+                break
+    else:
+        message += "; give one token"
+    if hint and what == "target":
+        message += " — or pass continuation=True to explain the sum of its tokens' logits"
+    return message
 
 
 def class_id(spec: Any, config: Any, size: int, what: str) -> int:
@@ -235,17 +314,33 @@ def class_name(config: Any, index: int) -> str:
 
 
 def resolve_ids(target: Any, task: str, size: int, tokenizer: Any, config: Any,
-                prediction: int) -> int | list[int]:
+                prediction: int, *, continuation: bool = False) -> int | list[int]:
     """The target id (``prediction`` when ``target`` is None), or a list of ids for a causal
-    LM's continuation."""
+    LM's continuation.
+
+    A list of ids is a continuation; so is a text (of one token or more) when
+    ``continuation`` is true. Without it, a text the tokenizer splits into several tokens is an
+    error that names the pieces (:func:`several_tokens`).
+    """
+    if continuation and task != "causal-lm":
+        raise ValueError(f"continuation=True is for a causal LM; a {task} model explains one "
+                         "token or class")
     if target is None:
+        if continuation:
+            raise ValueError("continuation=True needs a target: the text or token ids of the "
+                             "continuation")
         return prediction
     if task not in ("causal-lm", "masked-lm"):
         return class_id(target, config, size, "target class")
-    ids = token_ids(target, tokenizer, size, "target")
-    if len(ids) == 1 and not isinstance(target, (list, tuple)):
+    causal = task == "causal-lm"
+    ids = token_ids(target, tokenizer, size, "target", several=not causal or continuation
+                    or isinstance(target, (list, tuple)))
+    if len(ids) == 1 and not isinstance(target, (list, tuple)) and not continuation:
         return ids[0]
-    if task != "causal-lm":
+    if not causal:
+        if isinstance(target, str):
+            raise ValueError(several_tokens(target, ids, tokenizer, "target", hint=False)
+                             + " (a masked LM explains one)")
         raise ValueError(f"target {target!r} is {len(ids)} tokens; a masked LM explains one")
     return ids
 

@@ -1,0 +1,599 @@
+"""Image and text explained together: the image–text similarity of a dual encoder (CLIP) and
+the next token of a vision–language model (LLaVA), with relevance on the pixels *and* the text
+tokens from one backward pass.
+
+Both run :func:`~lrp_explicit.pipeline.attribute` on one prepared input with two leaves:
+
+- CLIP (``"image-text-similarity"``): the pixels (``pixel_values``) and the token embeddings of
+  the text. CLIP's text tower takes only ids (it pools at the end-of-text token found in them),
+  so the model runs on the ids and a forward hook on its token embedding hands the explained
+  embeddings (equal in value) to the tower. The explained score of a pair is its entry of
+  ``logits_per_image`` (``exp(s)`` times the cosine of the projected embeddings); a batch of
+  pairs explains the diagonal, one score per pair.
+- LLaVA (``"image-text-to-text"``): the pixels and the prompt's embeddings
+  (``inputs_embeds``, image placeholder tokens included: the model scatters the image features
+  over them). The explained score is the logit of the next token (the prediction, a given
+  token, or each token of the model's own generation).
+
+The result, :class:`ImageTextExplanation`, holds an :class:`~lrp_explicit.explain.Explanation`
+of the pixels and one of the text tokens and shows them side by side.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import heatmaps
+from ..composites import Composite, unwrap
+from ..errors import InputError
+from ..pipeline import Prepared, Target, attribute, check_finite, make_leaf
+from ..pipeline.targets import (SOFTMAX, as_index, logit_relevance, plain_spec, token_ids,
+                                token_name)
+from .common import model_name, vocabulary
+from .result import Explanation
+
+__all__ = ["IMAGE_TEXT_SIMILARITY", "IMAGE_TEXT_TO_TEXT", "ImageTextExplanation",
+           "explain_image_text", "explain_vision_language", "overlay"]
+
+#: The task of a dual image–text encoder (CLIP).
+IMAGE_TEXT_SIMILARITY = "image-text-similarity"
+#: The task of a vision–language model that writes text about an image (LLaVA).
+IMAGE_TEXT_TO_TEXT = "image-text-to-text"
+
+
+def overlay(image: Tensor, relevance: Tensor, strength: float = 0.85) -> Tensor:
+    """The heatmap of ``relevance`` ``(H, W)`` drawn over ``image`` ``(H, W, 3)`` in [0, 1]:
+    each pixel blended with its relevance colour, the more the larger ``|relevance|`` is."""
+    norm = heatmaps.normalise(relevance)
+    heat = heatmaps.colours(norm).to(torch.float64) / 255
+    alpha = (norm.abs().sqrt() * strength).unsqueeze(-1)
+    return (image.detach().cpu().to(torch.float64) * (1 - alpha) + heat * alpha).clamp(0, 1)
+
+
+@dataclass
+class ImageTextExplanation:
+    """What ``explain`` returns for an image with a text: the relevance of the pixels and of the
+    text tokens for one score, from one backward pass.
+
+    Attributes
+    ----------
+    image : Explanation
+        The pixels: relevance ``(H, W)`` summed over the channels; its ``image`` is the input
+        (CLIP) or the heatmap drawn over the input (vision–language models).
+    text : Explanation
+        The text tokens (a vision–language model's image placeholder tokens left out: the
+        image features replace their embeddings, so they hold no relevance).
+    score : float
+        The explained score: the pair's ``logits_per_image`` entry (CLIP) or the next token's
+        logit (with a contrast: the weighted sum of the logits).
+    label : str
+        The score in words.
+    task : str
+        ``"image-text-similarity"`` or ``"image-text-to-text"``.
+    target, prediction : int or None
+        The explained token and the model's own choice (vision–language models).
+    contrast : int, str or None
+        The contrasted token or ``"softmax"``.
+    latent : dict of str to Tensor
+        Relevance recorded at modules' outputs (``record=``).
+    composite, model : str
+        Names shown in the views.
+    """
+
+    image: Explanation
+    text: Explanation
+    score: float
+    label: str
+    task: str
+    target: int | None = None
+    prediction: int | None = None
+    contrast: int | str | None = None
+    latent: dict[str, Tensor] = field(default_factory=dict)
+    composite: str = ""
+    model: str = ""
+
+    def __repr__(self) -> str:
+        tokens = len(self.text.tokens or [])
+        return (f"ImageTextExplanation({self.task}, {self.label}, score={self.score:.4g}, "
+                f"pixels={tuple(self.image.relevance.shape)}, tokens={tokens})")
+
+    def __str__(self) -> str:
+        return self.to_terminal(color=False)
+
+    @property
+    def total(self) -> float:
+        """The relevance of the pixels and of the text tokens together."""
+        return float(self.image.relevance.double().sum() + self.text.relevance.double().sum())
+
+    @property
+    def title(self) -> str:
+        """The score in words."""
+        return f"{self.label} · score {self.score:.4g}"
+
+    @property
+    def subtitle(self) -> str:
+        """Model, composite and the relevance of each part."""
+        parts = [p for p in (self.model, self.composite) if p]
+        image = float(self.image.relevance.double().sum())
+        text = float(self.text.relevance.double().sum())
+        return " · ".join(parts + [f"image {image:.4g} + text {text:.4g} = {image + text:.4g}"])
+
+    def patches(self, size: int) -> Tensor:
+        """The pixel relevance summed over ``size × size`` patches: ``(H/size, W/size)``."""
+        h, w = self.image.relevance.shape
+        if h % size or w % size:
+            raise ValueError(f"a {h}×{w} image does not split into {size}×{size} patches")
+        r = self.image.relevance.reshape(h // size, size, w // size, size)
+        return r.sum((1, 3))
+
+    # ------------------------------------------------------------------ views
+
+    def to_html_fragment(self, cmap: Any = None) -> str:
+        """The image heatmap beside the text heatmap, as one HTML fragment."""
+        return ('<div style="display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start">'
+                f"<div>{self.image.to_html_fragment(cmap=cmap)}</div>"
+                f'<div style="flex:1;min-width:18em">{self.text.to_html_fragment(cmap=cmap)}'
+                "</div></div>")
+
+    def _repr_html_(self) -> str:
+        return self.to_html_fragment()
+
+    def to_html(self, cmap: Any = None) -> str:
+        """A self-contained HTML page: the image heatmap beside the text heatmap."""
+        return heatmaps.html_document([self.to_html_fragment(cmap)], self.title)
+
+    def to_terminal(self, color: bool | None = None, width: int | None = None,
+                    cmap: Any = None) -> str:
+        """The image heatmap, then the text heatmap, as terminal text."""
+        return "\n".join([self.image.to_terminal(color=color, width=width, cmap=cmap),
+                          self.text.to_terminal(color=color, width=width, cmap=cmap)])
+
+    def to_png(self, path: str | os.PathLike | None = None, dpi: int = 100,
+               cmap: Any = None) -> bytes:
+        """The image heatmap beside the text heatmap, as one PNG."""
+        from PIL import Image
+
+        left = Image.open(io.BytesIO(self.image.to_png(dpi=dpi, cmap=cmap))).convert("RGB")
+        right = Image.open(io.BytesIO(self.text.to_png(dpi=dpi, cmap=cmap))).convert("RGB")
+        both = Image.new("RGB", (left.width + right.width, max(left.height, right.height)),
+                         "white")
+        both.paste(left, (0, 0))
+        both.paste(right, (left.width, 0))
+        buffer = io.BytesIO()
+        both.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields: both parts' :meth:`~lrp_explicit.explain.Explanation.to_dict`."""
+        return {"task": self.task, "label": self.label, "score": self.score,
+                "target": self.target, "prediction": self.prediction,
+                "contrast": self.contrast, "composite": self.composite, "model": self.model,
+                "image": self.image.to_dict(), "text": self.text.to_dict()}
+
+    def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
+        """Write ``.html``, ``.png``, ``.json`` or ``.txt`` (by suffix unless ``format``)."""
+        path = Path(path)
+        kind = (format or path.suffix.lstrip(".") or "html").lower()
+        if kind == "html":
+            path.write_text(self.to_html(), encoding="utf-8")
+        elif kind == "png":
+            path.write_bytes(self.to_png())
+        elif kind == "json":
+            path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        elif kind in ("txt", "text"):
+            path.write_text(self.to_terminal(color=False) + "\n", encoding="utf-8")
+        else:
+            raise ValueError(f"unknown format {kind!r}; use html, png, json or txt")
+        return path
+
+
+# ============================================================================ inputs
+
+
+def _is_image(obj: Any) -> bool:
+    return hasattr(obj, "convert") and hasattr(obj, "size") and hasattr(obj, "mode")
+
+
+def _parts(tokenizer: Any) -> tuple[Any, Any]:
+    """The text tokenizer and the image processor of a processor, a tokenizer or an image
+    processor."""
+    if tokenizer is None:
+        return None, None
+    if hasattr(tokenizer, "image_processor"):
+        return getattr(tokenizer, "tokenizer", None), tokenizer.image_processor
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return None, tokenizer
+    return tokenizer, None
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in unwrap(model).parameters() if p.is_floating_point())
+
+
+def _pixels(model: nn.Module, image: Any, processor: Any) -> Tensor:
+    """``(1, C, H, W)`` pixel values in the model's dtype."""
+    if _is_image(image):
+        if processor is None:
+            raise ValueError("an image needs its processor: explain(model, (image, text), "
+                             "tokenizer=processor)")
+        image = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    if not isinstance(image, Tensor) or not image.is_floating_point():
+        raise TypeError("the image is a PIL image or a float tensor of pixel values, not "
+                        f"{type(image).__name__}")
+    image = image[None] if image.dim() == 3 else image
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise InputError(f"pixel values have shape {tuple(image.shape)}; give one image "
+                         "(channels, height, width)")
+    return image.to(_device(model), _dtype(model))
+
+
+def _ids(text: Any, tokenizer: Any) -> Tensor:
+    """``(L,)`` token ids of a text (with the tokenizer's special tokens) or of given ids."""
+    if isinstance(text, str):
+        if tokenizer is None:
+            raise ValueError("text needs a tokenizer (or a processor)")
+        if not text.strip():
+            raise ValueError("the text is empty")
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    elif isinstance(text, (list, tuple)) and text and all(as_index(i) is not None for i in text):
+        ids = torch.tensor([as_index(i) for i in text])
+    elif isinstance(text, Tensor) and not text.is_floating_point():
+        ids = text
+    else:
+        raise TypeError(f"the text is a string or token ids, not {type(text).__name__}")
+    ids = ids.reshape(-1) if ids.dim() == 2 and ids.shape[0] == 1 else ids
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise InputError(f"token ids of shape {tuple(ids.shape)}: give one text")
+    return ids.cpu()
+
+
+def _pair(inputs: Any) -> tuple[Any, Any]:
+    if isinstance(inputs, Mapping):
+        image = inputs.get("pixel_values", inputs.get("image"))
+        text = inputs.get("input_ids", inputs.get("text"))
+        if image is None or text is None:
+            raise ValueError("a dict input needs pixel_values (or image) and input_ids (or "
+                             f"text), got keys {sorted(inputs)}")
+        return image, text
+    if isinstance(inputs, tuple) and len(inputs) == 2:
+        return inputs
+    raise TypeError("explain an image with a text: pass a pair (image, text) or a dict with "
+                    f"pixel_values and input_ids, not {type(inputs).__name__}")
+
+
+def _batch(inputs: Any) -> tuple[list[Any], bool]:
+    if isinstance(inputs, list):
+        if not inputs:
+            raise InputError("inputs is an empty list (a batch without samples)")
+        return inputs, True
+    return [inputs], False
+
+
+def _names(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    if tokenizer is None:
+        return [str(int(i)) for i in ids]
+    return list(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))
+
+
+def _display(pixels: Tensor) -> Tensor:
+    """``(C, H, W)`` pixel values as an ``(H, W, 3)`` picture in [0, 1] (min-max rescaled)."""
+    x = pixels.detach().to("cpu", torch.float64)
+    x = x.expand(3, *x.shape[1:]) if x.shape[0] == 1 else x[:3]
+    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
+    return x.permute(1, 2, 0).contiguous()
+
+
+def _pad_ids(rows: list[Tensor], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(r.shape[0] for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, :r.shape[0]], mask[b, :r.shape[0]] = r, 1
+    return ids, mask
+
+
+def _latent_row(latent: dict[str, Tensor], b: int, size: int) -> dict[str, Tensor]:
+    return {k: (v[b] if v.dim() >= 1 and v.shape[0] == size else v).detach().cpu()
+            for k, v in latent.items()}
+
+
+# ============================================================================ CLIP
+
+
+def _token_embedding(model: nn.Module) -> nn.Module:
+    inner = unwrap(model)
+    text = getattr(inner, "text_model", inner)
+    embeddings = getattr(text, "embeddings", None)
+    module = getattr(embeddings, "token_embedding", None)
+    if not isinstance(module, nn.Embedding):
+        raise TypeError(f"{type(inner).__name__} has no text token embedding "
+                        "(text_model.embeddings.token_embedding)")
+    return module
+
+
+def _clip_input(model: nn.Module, pixels: Tensor, ids: Tensor, mask: Tensor) -> Prepared:
+    """Pixels and text embeddings as leaves; the model runs on the ids with the embeddings
+    handed to its text tower by a forward hook (they equal the looked-up ones)."""
+    embedding = _token_embedding(model)
+    device = _device(model)
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.no_grad():
+        text = embedding(ids)
+    leaves = {"pixel_values": make_leaf(pixels), "inputs_embeds": make_leaf(text)}
+
+    def run(runner: nn.Module) -> Any:
+        handle = embedding.register_forward_hook(lambda module, args, out: leaves["inputs_embeds"])
+        try:
+            return runner(input_ids=ids, pixel_values=leaves["pixel_values"],
+                          attention_mask=mask)
+        finally:
+            handle.remove()
+
+    return Prepared(leaves, {"input_ids": ids, "attention_mask": mask}, call=run)
+
+
+def explain_image_text(model: nn.Module, inputs: Any, target: Any = None,
+                       composite: Composite | None = None, contrast: Any = None,
+                       tokenizer: Any = None, *, record: Sequence[str] = (),
+                       batch_size: int = 8) -> ImageTextExplanation | list[ImageTextExplanation]:
+    """Explain the image–text similarity of a dual encoder (``CLIPModel``): relevance of the
+    pixels and of the text tokens for the pair's ``logits_per_image`` entry, in one backward
+    pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A ``CLIPModel``.
+    inputs : tuple, dict or list
+        A pair ``(image, text)``: a PIL image (with the processor as ``tokenizer``) or pixel
+        values ``(C, H, W)``, and a text (with a tokenizer or processor) or token ids; or a
+        dict with ``pixel_values`` and ``input_ids``; a list of pairs is a batch (texts padded
+        on the right; each pair gets the relevance it gets alone).
+    target, contrast
+        Must be ``None``: a pair has one similarity.
+    composite : Composite
+        The resolved composite.
+    tokenizer : processor or tokenizer, optional
+        A ``CLIPProcessor`` (text and images) or a tokenizer (text).
+    record : sequence of str
+        Module-name patterns whose output relevance is kept.
+    batch_size : int
+        Pairs per pass.
+
+    Returns
+    -------
+    ImageTextExplanation or list of ImageTextExplanation
+    """
+    if composite is None:
+        raise TypeError("explain_image_text needs a resolved composite")
+    if target is not None or contrast is not None:
+        raise ValueError("an image–text similarity has no target or contrast (got "
+                         f"target={target!r}, contrast={contrast!r})")
+    text_tokenizer, processor = _parts(tokenizer)
+    samples, batched = _batch(inputs)
+    pairs = []
+    for sample in samples:
+        image, text = _pair(sample)
+        pairs.append((_pixels(model, image, processor), _ids(text, text_tokenizer)))
+    config = getattr(unwrap(model).config, "text_config", None)
+    pad = getattr(config, "pad_token_id", None) or 0
+    out: list[ImageTextExplanation] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids, mask = _pad_ids([t for _, t in chunk], pad)
+        item = _clip_input(model, torch.cat([p for p, _ in chunk]), ids, mask)
+
+        def similarity(output: Any) -> Target:
+            y = output.logits_per_image.diagonal()
+            for value in y.detach().tolist():
+                check_finite(value, "similarity")
+            return Target(y, y.detach())
+
+        result = attribute(model, item, similarity, composite, record=record,
+                           label="similarity")
+        pixels, text = result.relevance["pixel_values"], result.relevance["inputs_embeds"]
+        if pixels is None or text is None:
+            raise ValueError("no relevance reached the image or the text")
+        scores = result.target.explained.detach()
+        for b, (p, t) in enumerate(chunk):
+            n = t.shape[0]
+            image_r, text_r = pixels[b].detach().sum(0).cpu(), text[b, :n].detach().sum(-1).cpu()
+            check_finite(image_r, "relevance")
+            check_finite(text_r, "relevance")
+            score = float(scores[b])
+            label = "similarity of the image and the text"
+            common = dict(score=score, target=None, label=label, task=IMAGE_TEXT_SIMILARITY,
+                          composite=composite.name, model=model_name(model))
+            out.append(ImageTextExplanation(
+                image=Explanation(tokens=None, relevance=image_r, image=_display(p[0]),
+                                  **common),
+                text=Explanation(tokens=_names(text_tokenizer, t.tolist()), relevance=text_r,
+                                 ids=t.tolist(), **common),
+                score=score, label=label, task=IMAGE_TEXT_SIMILARITY,
+                latent=_latent_row(result.latent, b, len(chunk)), composite=composite.name,
+                model=model_name(model)))
+    return out if batched else out[0]
+
+
+# ============================================================================ LLaVA
+
+
+@dataclass
+class _Row:
+    pixels: Tensor            # (1, C, H, W)
+    ids: Tensor               # (L,) prompt ids, image placeholders expanded
+    token: int | None         # the explained token (None: the prediction)
+    contrast: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _vlm_sample(model: nn.Module, sample: Any, tokenizer: Any) -> tuple[Tensor, Tensor]:
+    """Pixels ``(1, C, H, W)`` and prompt ids ``(L,)`` (image tokens expanded)."""
+    text_tokenizer, processor = _parts(tokenizer)
+    if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[1], str) \
+            and tokenizer is not None and hasattr(tokenizer, "image_processor"):
+        image, text = sample
+        enc = tokenizer(images=image.convert("RGB") if _is_image(image) else image, text=text,
+                        return_tensors="pt")
+        return _pixels(model, enc["pixel_values"], None), enc["input_ids"].reshape(-1).cpu()
+    image, text = _pair(sample)
+    return _pixels(model, image, processor), _ids(text, text_tokenizer)
+
+
+def _vlm_input(model: nn.Module, rows: list[_Row]) -> Prepared:
+    embedding = unwrap(model).get_input_embeddings()
+    ids, mask = _pad_ids([r.ids for r in rows], 0)
+    device = _device(model)
+    with torch.no_grad():
+        x = embedding(ids.to(device))
+    x = x * mask.to(device)[..., None].to(x.dtype)  # padding: zeros, masked
+    leaves = {"inputs_embeds": make_leaf(x),
+              "pixel_values": make_leaf(torch.cat([r.pixels for r in rows]))}
+    kwargs = {"attention_mask": mask.to(device)} if len({r.ids.shape[0] for r in rows}) > 1 \
+        else {}
+    return Prepared(leaves, kwargs)
+
+
+def _next_token(rows: list[_Row], tokenizer: Any, size: int):
+    def resolve(output: Any) -> Target:
+        logits = output.logits
+        init = torch.zeros_like(logits)
+        for b, row in enumerate(rows):
+            k = row.ids.shape[0] - 1
+            z = logits[b, k].detach()
+            prediction = int(z.argmax())
+            token = prediction if row.token is None else row.token
+            _, suffix = logit_relevance(
+                logits, (b, k), token, row.contrast, lambda i: token_name(tokenizer, i),
+                lambda c: token_ids(c, tokenizer, size, "contrast", several=False)[0],
+                out=init)
+            score = float(init[b, k].double().sum())
+            check_finite(score, "score")
+            row.info = {"score": score, "target": token, "prediction": prediction,
+                        "label": f"next token {token_name(tokenizer, token)}" + suffix}
+        return Target(logits, init)
+
+    return resolve
+
+
+def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
+                            composite: Composite | None = None, contrast: Any = None,
+                            tokenizer: Any = None, *, record: Sequence[str] = (),
+                            generate: int | None = None,
+                            generation_kwargs: Mapping[str, Any] | None = None,
+                            batch_size: int = 8
+                            ) -> ImageTextExplanation | list[ImageTextExplanation]:
+    """Explain a next token of a vision–language model (``LlavaForConditionalGeneration``) over
+    the image's pixels and the prompt's tokens together, in one backward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A LLaVA model.
+    inputs : tuple, dict or list
+        A pair ``(image, prompt)``: with the model's processor as ``tokenizer``, a PIL image
+        and the prompt text (with its image placeholder, e.g. ``"USER: <image>\\nWhat is
+        shown? ASSISTANT:"``); without one, pixel values ``(C, H, W)`` and token ids in which
+        the image token already stands once per image feature. A dict with ``pixel_values``
+        and ``input_ids`` (a processor's output) works too. A list is a batch.
+    target : int or str, optional
+        The explained token (an id or a one-token text); default: the model's prediction.
+    composite : Composite
+        The resolved composite.
+    contrast : int, str, optional
+        Another token or ``"softmax"`` (the logit difference, or the softmax-style weights).
+    tokenizer : processor or tokenizer, optional
+        The model's processor (text and images) or its tokenizer (to name tokens).
+    record : sequence of str
+        Module-name patterns whose output relevance is kept.
+    generate : int, optional
+        Generate up to ``generate`` tokens (greedy unless ``generation_kwargs`` say otherwise) and
+        explain each from the image, the prompt and the tokens generated before it (one
+        :class:`ImageTextExplanation` per generated token, all in one pass).
+    generation_kwargs : dict, optional
+        Further keyword arguments of ``model.generate``.
+    batch_size : int
+        Rows per pass.
+
+    Returns
+    -------
+    ImageTextExplanation or list of ImageTextExplanation
+        The image part's picture is the heatmap drawn over the image (:func:`overlay`); the
+        text part leaves the image placeholder tokens out.
+    """
+    if composite is None:
+        raise TypeError("explain_vision_language needs a resolved composite")
+    target, contrast = plain_spec(target), plain_spec(contrast)
+    text_tokenizer, _ = _parts(tokenizer)
+    size = vocabulary(model)
+    samples, batched = _batch(inputs)
+    token = None
+    if target is not None:
+        if generate is not None:
+            raise ValueError("generate= explains the generated tokens: give no target")
+        token = token_ids(target, text_tokenizer, size, "target", several=False)[0]
+    rows: list[_Row] = []
+    for sample in samples:
+        pixels, ids = _vlm_sample(model, sample, tokenizer)
+        if generate is None:
+            rows.append(_Row(pixels, ids, token, contrast))
+            continue
+        if isinstance(generate, bool) or as_index(generate) is None or int(generate) < 1:
+            raise ValueError(f"generate must be a positive int, got {generate!r}")
+        options = {"max_new_tokens": int(generate), "do_sample": False, **(generation_kwargs or {})}
+        with torch.no_grad():
+            out = unwrap(model).generate(input_ids=ids[None].to(_device(model)),
+                                         pixel_values=pixels, **options)
+        new = [int(i) for i in out[0, ids.shape[0]:].tolist()]
+        rows += [_Row(pixels, torch.cat([ids, torch.tensor(new[:i], dtype=ids.dtype)]), t,
+                      contrast) for i, t in enumerate(new)]
+    image_token = getattr(unwrap(model).config, "image_token_id", None)
+    out_rows: list[ImageTextExplanation] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        result = attribute(model, _vlm_input(model, chunk),
+                           _next_token(chunk, text_tokenizer, size), composite, record=record)
+        pixels, text = result.relevance["pixel_values"], result.relevance["inputs_embeds"]
+        if pixels is None or text is None:
+            raise ValueError("no relevance reached the image or the text")
+        for b, row in enumerate(chunk):
+            keep = row.ids != image_token if image_token is not None \
+                else torch.ones_like(row.ids, dtype=torch.bool)
+            n = row.ids.shape[0]
+            image_r = pixels[b].detach().sum(0).cpu()
+            text_r = text[b, :n].detach().sum(-1).cpu()[keep]
+            check_finite(image_r, "relevance")
+            check_finite(text_r, "relevance")
+            info = row.info
+            common = dict(score=info["score"], target=info["target"], label=info["label"],
+                          task=IMAGE_TEXT_TO_TEXT, prediction=info["prediction"],
+                          composite=composite.name, model=model_name(model))
+            kept = row.ids[keep].tolist()
+            out_rows.append(ImageTextExplanation(
+                image=Explanation(tokens=None, relevance=image_r,
+                                  image=overlay(_display(row.pixels[0]), image_r), **common),
+                text=Explanation(tokens=_names(text_tokenizer, kept), relevance=text_r,
+                                 ids=kept, **common),
+                score=info["score"], label=info["label"], task=IMAGE_TEXT_TO_TEXT,
+                target=info["target"], prediction=info["prediction"],
+                contrast=None if contrast is None else (
+                    SOFTMAX if isinstance(contrast, str) and contrast.lower() == SOFTMAX
+                    else token_ids(contrast, text_tokenizer, size, "contrast",
+                                   several=False)[0]),
+                latent=_latent_row(result.latent, b, len(chunk)), composite=composite.name,
+                model=model_name(model)))
+    return out_rows if batched or generate is not None else out_rows[0]
