@@ -351,3 +351,27 @@ def test_explain_with_a_processor():
     same = lrp_explicit.explain(model, (pixels_, tok("a photo of a cat")["input_ids"]))
     assert torch.equal(e.image.relevance, same.image.relevance)
     assert torch.equal(e.text.relevance, same.text.relevance)
+
+
+def test_image_text_results_save_and_load(tmp_path):
+    from test_store import assert_same
+    model = build("sdpa")
+    p = pixels(2, 4)
+    e = lrp_explicit.explain(model, (p[0], text_ids(6, 3).tolist()), record=["*encoder.layers.0"])
+    assert e.latent
+    back = lrp_explicit.load(e.save(tmp_path / "pair.lrp"))
+    assert isinstance(back, ImageTextExplanation)
+    for name in ("score", "label", "task", "target", "prediction", "contrast", "composite",
+                 "model"):
+        assert getattr(back, name) == getattr(e, name), name
+    assert_same(back.image, e.image)
+    assert_same(back.text, e.text)
+    assert list(back.latent) == list(e.latent)
+    assert all(torch.equal(back.latent[k], e.latent[k]) for k in e.latent)
+    batch = lrp_explicit.explain(model, [(p[0], text_ids(6, 3).tolist()),
+                                         (p[1], text_ids(4, 5).tolist())])
+    loaded = lrp_explicit.load(batch.save(tmp_path / "pairs.lrp"))
+    assert type(loaded) is type(batch) and len(loaded) == 2
+    for got, want in zip(loaded, batch):
+        assert_same(got.text, want.text) and assert_same(got.image, want.image)
+        assert got.score == want.score

@@ -306,3 +306,12 @@ def test_cuda_forward_exact_and_equivalent(variant):
     reference = reference_relevances(model, variant, leaves, last_logit)
     for key in leaves:
         assert relative_error(got[key], reference[key]) < 1e-6, key
+
+
+def test_a_bare_encoder_decoder_is_refused_clearly():
+    config = tf.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    model = tf.T5Model(config).double().eval()
+    with pytest.raises(lrp_explicit.errors.InputError,
+                       match="T5Model is an encoder–decoder without a head.*"
+                             "ForConditionalGeneration"):
+        lrp_explicit.explain(model, torch.tensor([[3, 4, 5]]))

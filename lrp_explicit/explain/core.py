@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..composites import Composite, unwrap
+from ..errors import InputError
 from ..pipeline import (
     SOFTMAX,
     Prepared,
@@ -42,6 +43,7 @@ from .common import model_name, namer, vocabulary
 from .generate import explain_generation
 from .result import Explanation, ExplanationBatch, GenerationExplanation
 from .tasks import OWN_TASKS, explain_task
+from .units import UnitPlan, conditions_of, is_unit_target
 from .words import TokenText, extend_text, join_text, token_text
 
 __all__ = ["BATCH_SIZE", "cosine", "explain", "mean_pool"]
@@ -57,7 +59,8 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
             record: Sequence[str] = (), progress: bool | None = None,
             batch_size: int = BATCH_SIZE, continuation: bool = False,
             generate: int | None = None,
-            generation_kwargs: Mapping[str, Any] | None = None
+            generation_kwargs: Mapping[str, Any] | None = None,
+            condition: Any = None
             ) -> Explanation | GenerationExplanation | ExplanationBatch:
     """Explain a prediction of ``model`` with LRP and return the relevance of each input token
     (or pixel).
@@ -126,6 +129,23 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     generation_kwargs : mapping, optional
         More arguments of ``model.generate`` (``do_sample``, ``temperature``,
         ``repetition_penalty`` …).
+    condition : mapping or list of mapping, optional
+        Let only the relevance of these latent units pass: module name → units
+        (``{"model.layers.3.mlp.act_fn": [17, 301]}``, ``{"model.layers.3.self_attn":
+        {"heads": [2, 5]}}``, ``{"model.layers.3": [7]}`` for residual dimensions; see
+        :mod:`lrp_explicit.latent`). The relevance is the input relevance that flows through
+        the units (of every module named, later ones first); the relevance of all units of a
+        layer sums over them, and a condition on no unit gives zero. A list of conditions
+        gives one result per condition (sample-major for a batch), the conditions that name
+        the same modules explained together, stacked along the batch.
+
+    A ``target`` that is a mapping of module name to units (same forms as ``condition``, or
+    ``{unit: weight}``) explains latent units instead of a logit: the relevance starts at the
+    units' activation (times their weights) at the explained token (``position``; by default
+    the last token of a causal LM, the mask of a masked LM, all tokens otherwise) — which
+    inputs make the neuron fire. Every result carries the relevance of every MLP neuron,
+    attention head and residual-stream dimension in ``units`` (:meth:`Explanation.top_units`,
+    :meth:`Explanation.latent_view`).
 
     Returns
     -------
@@ -146,7 +166,19 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     position = check_position(position)
     target, contrast = plain_spec(target), plain_spec(contrast)
     task = task_of(model)
+    config = getattr(unwrap(model), "config", None)
+    if task is None and getattr(config, "is_encoder_decoder", False):
+        raise InputError(f"{type(unwrap(model)).__name__} is an encoder–decoder without a head: "
+                         "nothing to explain; load its …ForConditionalGeneration class")
     comp = resolve_composite(composite, model)  # looked up once; an unknown name fails first
+    conditions = conditions_of(condition)
+    if (conditions is not None or is_unit_target(target)) and (
+            task in OWN_TASKS or task == "similarity" or generate is not None):
+        raise ValueError(f"condition= and latent unit targets are for one prediction of a "
+                         f"decoder or encoder, not for {'generate=' if generate else task}")
+    if is_unit_target(target) and contrast is not None:
+        raise ValueError("a latent unit target has no contrast; give weights to several units "
+                         "instead ({unit: 1.0, other: -1.0})")
     if task in OWN_TASKS:  # encoder–decoders and image–text models: explain/tasks.py
         return explain_task(task, model, inputs, target, comp, contrast, tokenizer,
                             position=position, record=record, generate=generate,
@@ -160,8 +192,9 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     if generation_kwargs is not None:
         raise ValueError("generation_kwargs needs generate=N (the number of tokens to generate)")
     if samples is None:
-        return _explain_chunk(model, [inputs], [target], [contrast], comp, tokenizer, task,
-                              position, record, continuation)[0]
+        got = _explain_chunk(model, [inputs], [target], [contrast], comp, tokenizer, task,
+                             position, record, continuation, conditions, batch_size)
+        return ExplanationBatch(got) if conditions is not None and conditions[1] else got[0]
     targets, contrasts = per_sample(target, len(samples)), per_sample(contrast, len(samples))
     show = progress if progress is not None else True
     chunks = [range(i, min(i + batch_size, len(samples)))
@@ -171,7 +204,7 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
     for chunk in chunks:
         out += _explain_chunk(model, [samples[i] for i in chunk], [targets[i] for i in chunk],
                               [contrasts[i] for i in chunk], comp, tokenizer, task, position,
-                              record, continuation)
+                              record, continuation, conditions, batch_size)
         if hasattr(bar, "update"):
             bar.update(len(chunk))
     if hasattr(bar, "close"):
@@ -235,7 +268,7 @@ def _sample(model: nn.Module, inp: Any, target: Any, contrast: Any, tokenizer: A
     if continuation and task != "causal-lm":
         raise ValueError(f"continuation=True is for a causal LM; a {task or 'plain'} model "
                          "explains one token or class")
-    if task == "causal-lm" and target is not None \
+    if task == "causal-lm" and target is not None and not is_unit_target(target) \
             and (continuation or not isinstance(target, int)):
         ids = resolve_ids(target, task, _vocabulary(model), tokenizer, None, 0,
                           continuation=continuation)
@@ -252,7 +285,9 @@ def _sample(model: nn.Module, inp: Any, target: Any, contrast: Any, tokenizer: A
 def _explain_chunk(model: nn.Module, inputs: list[Any], targets: list[Any],
                    contrasts: list[Any], comp: Composite, tokenizer: Any, task: str | None,
                    position: int | None, record: Sequence[str],
-                   continuation: bool = False) -> list[Explanation]:
+                   continuation: bool = False,
+                   conditions: tuple[list[Mapping[str, Any]], bool] | None = None,
+                   group: int = BATCH_SIZE) -> list[Explanation]:
     """Explain the samples of one chunk in one forward and one backward pass (one pass per
     sample where they cannot share one)."""
     if task == "similarity":
@@ -263,21 +298,31 @@ def _explain_chunk(model: nn.Module, inputs: list[Any], targets: list[Any],
                                      record)
     samples = [_sample(model, inp, t, c, tokenizer, task, continuation)
                for inp, t, c in zip(inputs, targets, contrasts)]
+    units = [t for t in targets if is_unit_target(t)]
+    if units and (len(units) < len(targets) or any(t != units[0] for t in units)):
+        raise ValueError("a batch explains one latent unit target for all samples (or logits "
+                         "for all); explain the samples apart")
+    plan = UnitPlan(model, targets[0], conditions[0] if conditions is not None else None)
     batch = collate(model, [s.item for s in samples])
     if batch is None:
         return [e for s in samples
                 for e in _explain_samples(model, [s], s.item, comp, tokenizer, task, position,
-                                          record)]
-    return _explain_samples(model, samples, batch, comp, tokenizer, task, position, record)
+                                          record, plan, group)]
+    return _explain_samples(model, samples, batch, comp, tokenizer, task, position, record,
+                            plan, group)
 
 
 def _explain_samples(model: nn.Module, samples: list[_Sample], batch: Prepared,
                      comp: Composite, tokenizer: Any, task: str | None, position: int | None,
-                     record: Sequence[str]) -> list[Explanation]:
+                     record: Sequence[str], plan: UnitPlan | None = None,
+                     group: int = BATCH_SIZE) -> list[Explanation]:
     config = getattr(unwrap(model), "config", None)
     lengths = batch.lengths
-    resolve = _logit_targets(samples, lengths, task, tokenizer, config, position)
-    result = attribute(model, batch, resolve, comp, record=record)
+    plan = plan or UnitPlan(model)
+    resolve = plan.target(samples, lengths, task, tokenizer, position) \
+        if plan.weights is not None \
+        else _logit_targets(samples, lengths, task, tokenizer, config, position)
+    result = attribute(model, batch, resolve, comp, record=record, observers=plan.observers())
     grad = result.relevance[next(iter(batch.leaves))]
     if grad is None:
         raise ValueError("no relevance reached the input: is the explained output computed "
@@ -301,13 +346,17 @@ def _explain_samples(model: nn.Module, samples: list[_Sample], batch: Prepared,
         ids = s.item.ids[0].tolist() if s.item.ids is not None and tokens is not None \
             and s.item.ids.shape[-1] == len(tokens) else None
         out.append(Explanation(
-            tokens=tokens, relevance=relevance, score=info["score"], target=info["target"],
-            label=info["label"], task=task or "classification",
+            tokens=tokens, relevance=relevance, score=info["score"],
+            target=info.get("target", s.target), label=info["label"],
+            task=task or "classification",
             contrast=_contrast_value(s.contrast, task, tokenizer, config, logits),
             prediction=info["prediction"], segments=segments, segment_names=names,
             image=s.item.image, latent=_latent(result.latent, b, len(samples), n, width),
             composite=comp.name, model=_model_name(model), ids=ids,
-            token_text=_token_text(tokenizer, s.texts, ids, tokens, s.continuation)))
+            token_text=_token_text(tokenizer, s.texts, ids, tokens, s.continuation),
+            units=plan.units(b, len(samples)), unit_kinds=dict(plan.kinds)))
+    if plan.conditions:
+        out = plan.conditioned(model, batch, comp, out, lengths, _per_position, group)
     return out
 
 
@@ -501,7 +550,9 @@ def _explain_similarities(model: nn.Module, pairs: list[Any], targets: list[Any]
             check_finite(value, "similarity")
         return Target(y, y.detach())
 
-    result = attribute(model, batches, similarity, comp, record=record, label="similarity")
+    plan = UnitPlan(model)
+    result = attribute(model, batches, similarity, comp, record=record, label="similarity",
+                       observers=plan.observers())
     out = []
     for i in range(len(pairs)):
         parts, tokens, segments, ids, texts = [], [], [], [], []
@@ -524,5 +575,6 @@ def _explain_similarities(model: nn.Module, pairs: list[Any], targets: list[Any]
             segment_names=["text 1", "text 2"],
             latent=_latent(result.latent, i, len(pairs), None), composite=comp.name,
             model=_model_name(model), ids=ids if ids and len(ids) == len(tokens) else None,
-            token_text=join_text(texts)))
+            token_text=join_text(texts), units=plan.units(i, len(pairs)),
+            unit_kinds=dict(plan.kinds)))
     return out

@@ -37,7 +37,8 @@ from ..pipeline import Prepared, Target, attribute, check_finite, make_leaf
 from ..pipeline.targets import (SOFTMAX, as_index, logit_relevance, plain_spec, token_ids,
                                 token_name)
 from .common import model_name, vocabulary
-from .result import Explanation
+from . import store
+from .result import _CLASS_OF, _KIND_OF, Explanation, _latent_of, _latent_record
 
 __all__ = ["IMAGE_TEXT_SIMILARITY", "IMAGE_TEXT_TO_TEXT", "ImageTextExplanation",
            "explain_image_text", "explain_vision_language", "overlay"]
@@ -181,10 +182,13 @@ class ImageTextExplanation:
                 "image": self.image.to_dict(), "text": self.text.to_dict()}
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
-        """Write ``.html``, ``.png``, ``.json`` or ``.txt`` (by suffix unless ``format``)."""
+        """Write a record (``.lrp``, read back by :func:`lrp_explicit.load`), ``.html``,
+        ``.png``, ``.json`` or ``.txt`` (by suffix unless ``format``)."""
         path = Path(path)
         kind = (format or path.suffix.lstrip(".") or "html").lower()
-        if kind == "html":
+        if kind == "lrp":
+            store.write(path, RECORD_KIND, *self._record(""))
+        elif kind == "html":
             path.write_text(self.to_html(), encoding="utf-8")
         elif kind == "png":
             path.write_bytes(self.to_png())
@@ -193,8 +197,36 @@ class ImageTextExplanation:
         elif kind in ("txt", "text"):
             path.write_text(self.to_terminal(color=False) + "\n", encoding="utf-8")
         else:
-            raise ValueError(f"unknown format {kind!r}; use html, png, json or txt")
+            raise ValueError(f"unknown format {kind!r}; use lrp, html, png, json or txt")
         return path
+
+    def _record(self, prefix: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        image_meta, tensors = self.image._record(f"{prefix}image/")
+        text_meta, text_tensors = self.text._record(f"{prefix}text/")
+        tensors.update(text_tensors)
+        names, latent = _latent_record(self.latent, prefix)
+        tensors.update(latent)
+        meta = {name: getattr(self, name) for name in _OWN_FIELDS}
+        meta.update(image=image_meta, text=text_meta, latent=names)
+        return store.jsonable(meta), tensors
+
+    @classmethod
+    def _from_record(cls, meta: dict[str, Any], tensors: dict[str, Tensor],
+                     prefix: str = "") -> "ImageTextExplanation":
+        return cls(image=Explanation._from_record(meta["image"], tensors, f"{prefix}image/"),
+                   text=Explanation._from_record(meta["text"], tensors, f"{prefix}text/"),
+                   latent=_latent_of(meta.get("latent", []), tensors, prefix),
+                   **{name: meta[name] for name in _OWN_FIELDS})
+
+
+#: The ``"kind"`` of an :class:`ImageTextExplanation` record.
+RECORD_KIND = "image-text"
+_OWN_FIELDS = ("score", "label", "task", "target", "prediction", "contrast", "composite",
+               "model")
+store.register_reader(RECORD_KIND, lambda meta, tensors:
+                      ImageTextExplanation._from_record(meta, tensors))
+_KIND_OF[ImageTextExplanation] = RECORD_KIND
+_CLASS_OF[RECORD_KIND] = ImageTextExplanation
 
 
 # ============================================================================ inputs

@@ -14,8 +14,10 @@ from typing import Any, Callable, Iterable, Sequence, SupportsIndex, overload
 from torch import Tensor
 
 from .. import heatmaps
+from ..latent import Unit, top_units
 from ..tokens import clean_tokens
 from . import store
+from .units import LatentView, layer_rows, overall_rows, rows_of
 from .words import TokenText, sum_words, word_groups
 
 __all__ = ["Explanation", "ExplanationBatch", "GenerationExplanation"]
@@ -57,6 +59,16 @@ def _latent_record(latent: dict[str, Tensor], prefix: str
 def _latent_of(names: Sequence[str], tensors: dict[str, Tensor], prefix: str
                ) -> dict[str, Tensor]:
     return {name: tensors[f"{prefix}latent:{i}"] for i, name in enumerate(names)}
+
+
+def _units_record(units: dict[str, Tensor], prefix: str) -> tuple[list[str], dict[str, Tensor]]:
+    names = list(units)
+    return names, {f"{prefix}units:{i}": units[k].contiguous() for i, k in enumerate(names)}
+
+
+def _units_of(names: Sequence[str], tensors: dict[str, Tensor], prefix: str
+              ) -> dict[str, Tensor]:
+    return {name: tensors[f"{prefix}units:{i}"] for i, name in enumerate(names)}
 
 
 class _TokenViews:
@@ -173,6 +185,17 @@ class Explanation(_TokenViews):
     token_text : TokenText or None
         The text of each token and the words (see :mod:`lrp_explicit.explain.words`);
         ``None``: read from the tokens.
+    units : dict of str to Tensor
+        The relevance of every latent unit, summed over the tokens: per MLP neuron, per
+        attention head and per residual-stream dimension of each block, by layer name
+        (:mod:`lrp_explicit.latent`); :meth:`top_units` ranks them. For a conditional
+        explanation, the units before the condition's earliest layer (their relevance that
+        flows through the condition).
+    unit_kinds : dict of str to str
+        The kind of each layer of :attr:`units`: ``"neuron"``, ``"head"`` or ``"dim"``.
+    condition : dict or None
+        The condition (``explain(..., condition=…)``): the relevance is the part that flows
+        through these units.
     version : str
         The version of lrp_explicit that computed the explanation.
     """
@@ -193,6 +216,9 @@ class Explanation(_TokenViews):
     model: str = ""
     ids: list[int] | None = None
     token_text: TokenText | None = None
+    units: dict[str, Tensor] = field(default_factory=dict)
+    unit_kinds: dict[str, str] = field(default_factory=dict)
+    condition: dict[str, Any] | None = None
     version: str = field(default_factory=store.library_version)
 
     def __repr__(self) -> str:
@@ -302,6 +328,37 @@ class Explanation(_TokenViews):
         (:class:`lrp_explicit.heatmaps.RenderError` otherwise)."""
         return heatmaps.pdf(self.to_latex(words, cmap), path, backend)
 
+    # ------------------------------------------------------------------ latent units
+
+    def top_units(self, pattern: str = "*", k: int = 10, absolute: bool = False) -> list[Unit]:
+        """The ``k`` most relevant units of the layers matching ``pattern``, best first.
+
+        Parameters
+        ----------
+        pattern : str
+            ``fnmatch`` pattern of unit layers (``"*mlp.act_fn"``: the MLP neurons,
+            ``"*self_attn"``: the heads, ``"model.layers.3"``: the residual stream after block
+            3; the layers are the keys of :attr:`units`).
+        k : int
+            How many.
+        absolute : bool
+            Rank by absolute relevance (else the largest positive first).
+
+        Returns
+        -------
+        list of Unit
+            Each with its layer, kind, index and relevance; ``unit.spec`` is a condition or a
+            unit target.
+        """
+        return top_units(self.units, pattern, k, self.unit_kinds, absolute=absolute)
+
+    def latent_view(self, k: int = 5, pattern: str = "*") -> LatentView:
+        """The latent view: the ``k`` units of largest absolute relevance of each layer
+        matching ``pattern``; shows itself in a notebook, ``to_html()``, ``to_terminal()``.
+        """
+        return LatentView(layer_rows(self.units, self.unit_kinds, pattern, k), self.title,
+                          self.subtitle)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (relevance as nested lists, per token and per word)."""
         word_relevance = self.word_relevance
@@ -313,7 +370,9 @@ class Explanation(_TokenViews):
                 "word_relevance": None if word_relevance is None
                 else word_relevance.double().tolist(),
                 "composite": self.composite, "model": self.model, "version": self.version,
-                "latent": {k: list(v.shape) for k, v in self.latent.items()}}
+                "latent": {k: list(v.shape) for k, v in self.latent.items()},
+                "units": {k: v.double().tolist() for k, v in self.units.items()},
+                "condition": self.condition}
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Write the explanation; the format follows the suffix unless given.
@@ -350,12 +409,14 @@ class Explanation(_TokenViews):
 
     def _record(self, prefix: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         names, tensors = _latent_record(self.latent, prefix)
+        unit_names, unit_tensors = _units_record(self.units, prefix)
+        tensors.update(unit_tensors)
         tensors[f"{prefix}relevance"] = self.relevance
         if self.image is not None:
             tensors[f"{prefix}image"] = self.image
         meta = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("relevance", "image", "latent", "token_text")}
-        meta.update(latent=names, image=self.image is not None,
+                if f.name not in ("relevance", "image", "latent", "token_text", "units")}
+        meta.update(latent=names, image=self.image is not None, units=unit_names,
                     token_text=_token_text_meta(self.token_text))
         return store.jsonable(meta), tensors
 
@@ -364,10 +425,11 @@ class Explanation(_TokenViews):
                      prefix: str = "") -> "Explanation":
         values = {f.name: meta[f.name] for f in fields(cls)
                   if f.name in meta and f.name not in ("relevance", "image", "latent",
-                                                       "token_text")}
+                                                       "token_text", "units")}
         return cls(**values, relevance=tensors[f"{prefix}relevance"],
                    image=tensors[f"{prefix}image"] if meta.get("image") else None,
                    latent=_latent_of(meta.get("latent", []), tensors, prefix),
+                   units=_units_of(meta.get("units", []), tensors, prefix),
                    token_text=_token_text_of(meta.get("token_text")))
 
 
@@ -416,6 +478,18 @@ class ExplanationBatch(list):
     def __str__(self) -> str:
         return self.to_terminal(color=False)
 
+    def top_units(self, pattern: str = "*", k: int = 10, absolute: bool = False
+                  ) -> list[Any]:
+        """Each result's :meth:`Explanation.top_units` (for a generation, its list per
+        generated token)."""
+        return [e.top_units(pattern, k, absolute=absolute) for e in self]
+
+    def latent_view(self, k: int = 5, pattern: str = "*") -> LatentView:
+        """The latent views of all results in one (rows captioned ``[i] …``)."""
+        rows = [(f"[{i}] {caption}", units) for i, e in enumerate(self)
+                for caption, units in e.latent_view(k, pattern).rows]
+        return LatentView(rows, f"{len(self)} results")
+
     def to_dict(self) -> list[dict[str, Any]]:
         """Each result's :meth:`Explanation.to_dict`."""
         return [e.to_dict() for e in self]
@@ -438,8 +512,9 @@ class ExplanationBatch(list):
         items, tensors = [], {}
         for i, e in enumerate(self):
             if type(e) not in _KIND_OF:
-                raise ValueError(f"item {i} is a {type(e).__name__}; a record holds "
-                                 "Explanation and GenerationExplanation results")
+                kinds = ", ".join(sorted(c.__name__ for c in _KIND_OF))
+                raise ValueError(f"item {i} is a {type(e).__name__}; a record holds {kinds} "
+                                 "results")
             meta, own = e._record(f"{i}/")
             items.append({"kind": _KIND_OF[type(e)], **meta})
             tensors.update(own)
@@ -491,6 +566,11 @@ class GenerationExplanation(_TokenViews):
         ``model.generate``).
     token_text : TokenText or None
         The text of each token and the words.
+    units : dict of str to Tensor
+        The relevance of every latent unit for each generated token, ``(generated, units)``
+        per layer (see :attr:`Explanation.units`).
+    unit_kinds : dict of str to str
+        The kind of each layer of :attr:`units`.
     version : str
         The version of lrp_explicit that computed it.
     """
@@ -508,6 +588,8 @@ class GenerationExplanation(_TokenViews):
     model: str = ""
     generation: dict[str, Any] = field(default_factory=dict)
     token_text: TokenText | None = None
+    units: dict[str, Tensor] = field(default_factory=dict)
+    unit_kinds: dict[str, str] = field(default_factory=dict)
     version: str = field(default_factory=store.library_version)
 
     task = "generation"
@@ -570,10 +652,26 @@ class GenerationExplanation(_TokenViews):
             target=self.generated[i], label=self.labels[i], task="causal-lm",
             contrast=self.contrast, latent={k: v[i, :end] if v.dim() >= 2 else v[i]
                                             for k, v in self.latent.items()},
+            units=rows_of(self.units, i), unit_kinds=dict(self.unit_kinds),
             composite=self.composite, model=self.model, ids=self.ids[:end],
             token_text=None if text is None else TokenText(
                 text.pieces[:end], text.words[:end], text.special[:end]),
             version=self.version)
+
+    def top_units(self, pattern: str = "*", k: int = 10, absolute: bool = False
+                  ) -> list[list[Unit]]:
+        """For each generated token, the ``k`` most relevant units of the layers matching
+        ``pattern`` (see :meth:`Explanation.top_units`)."""
+        return [top_units(rows_of(self.units, i), pattern, k, self.unit_kinds,
+                          absolute=absolute) for i in range(len(self.generated))]
+
+    def latent_view(self, k: int = 5, pattern: str = "*") -> LatentView:
+        """The latent view per generated token: its ``k`` units of largest absolute relevance
+        over the layers matching ``pattern``."""
+        rows = [(f"{i}: {piece.strip() or repr(piece)}", rows_of(self.units, i))
+                for i, piece in enumerate(self.generated_pieces)]
+        return LatentView(overall_rows(rows, self.unit_kinds, pattern, k), self.title,
+                          self.subtitle)
 
     def _matrix(self, words: bool) -> tuple[list[str], list[str], Tensor]:
         rows = self.generated_pieces
@@ -644,19 +742,24 @@ class GenerationExplanation(_TokenViews):
 
     def _record(self, prefix: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         names, tensors = _latent_record(self.latent, prefix)
+        unit_names, unit_tensors = _units_record(self.units, prefix)
+        tensors.update(unit_tensors)
         tensors[f"{prefix}relevance"] = self.relevance
         meta = {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("relevance", "latent", "token_text")}
-        meta.update(latent=names, token_text=_token_text_meta(self.token_text))
+                if f.name not in ("relevance", "latent", "token_text", "units")}
+        meta.update(latent=names, units=unit_names,
+                    token_text=_token_text_meta(self.token_text))
         return store.jsonable(meta), tensors
 
     @classmethod
     def _from_record(cls, meta: dict[str, Any], tensors: dict[str, Tensor],
                      prefix: str = "") -> "GenerationExplanation":
         values = {f.name: meta[f.name] for f in fields(cls)
-                  if f.name in meta and f.name not in ("relevance", "latent", "token_text")}
+                  if f.name in meta and f.name not in ("relevance", "latent", "token_text",
+                                                       "units")}
         return cls(**values, relevance=tensors[f"{prefix}relevance"],
                    latent=_latent_of(meta.get("latent", []), tensors, prefix),
+                   units=_units_of(meta.get("units", []), tensors, prefix),
                    token_text=_token_text_of(meta.get("token_text")))
 
 

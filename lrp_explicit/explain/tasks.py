@@ -37,11 +37,16 @@ def explain_task(task: str, model: nn.Module, inputs: Any, target: Any, composit
     if task == IMAGE_TEXT_SIMILARITY:
         if generate is not None:
             raise ValueError("generate= needs a model that writes text; CLIP compares")
-        return explain_image_text(model, inputs, target, composite, contrast, tokenizer,
-                                  record=record, batch_size=batch_size)
+        return _batch(explain_image_text(model, inputs, target, composite, contrast,
+                                         tokenizer, record=record, batch_size=batch_size))
     if task == IMAGE_TEXT_TO_TEXT:
-        return explain_vision_language(model, inputs, target, composite, contrast, tokenizer,
-                                       record=record, generate=generate,
-                                       generation_kwargs=generation_kwargs,
-                                       batch_size=batch_size)
+        return _batch(explain_vision_language(model, inputs, target, composite, contrast,
+                                              tokenizer, record=record, generate=generate,
+                                              generation_kwargs=generation_kwargs,
+                                              batch_size=batch_size))
     raise ValueError(f"no explanation module for task {task!r}")
+
+
+def _batch(out: Any) -> Any:
+    """A list of results as an :class:`ExplanationBatch` (one page, one record)."""
+    return ExplanationBatch(out) if isinstance(out, list) else out

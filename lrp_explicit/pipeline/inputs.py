@@ -53,7 +53,8 @@ def task_of(model: nn.Module) -> str | None:
     if config is not None and hasattr(model, "get_image_features") \
             and hasattr(model, "get_text_features"):
         return "image-text-similarity"
-    if config is not None and name.endswith("Model") and getattr(config, "vocab_size", None):
+    if config is not None and name.endswith("Model") and getattr(config, "vocab_size", None) \
+            and not getattr(config, "is_encoder_decoder", False):
         return "similarity"
     return None
 
