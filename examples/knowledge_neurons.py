@@ -91,7 +91,9 @@ def report(name: str, ks: list[int], got: dict[str, np.ndarray], base: float) ->
 
 def show_one(model: torch.nn.Module, ids: list[int]) -> None:
     e = explain_sentence(model, ids)
-    print(f"\nsentence: {words(ids)}  →  {e.label} (difference {e.score:.3f})")
+    verb, other = text.VOCAB[e.target], text.VOCAB[e.contrast]
+    print(f"\nsentence: {words(ids)}  →  {verb!r} over {other!r} (logit difference "
+          f"{e.score:.3f})")
     print("most relevant units:")
     for unit in e.top_units("*", 5):
         print(f"  {unit}")
@@ -124,6 +126,8 @@ def plot(path: str, ks: dict[str, list[int]],
             ax.plot(x, mean, "o-", color=colour, label=f"{label} {name.lower()}")
             ax.fill_between(x, mean - sem, mean + sem, color=colour, alpha=0.2)
         ax.axhline(0, color="black", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(k) for k in x])
         ax.set_xlabel("units set to zero (k)")
         ax.set_ylabel("change of logit difference")
         ax.set_title(name)
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - start:.0f} s)")
     held = text.make_samples(args.samples, masked=False, attractors=True, seed=2024)
     sentences = [list(map(int, s.ids)) for s in held]
-    ks = {"Neurons": [1, 2, 4, 8, 16], "Heads": [1, 2]}
+    ks = {"Neurons": [1, 4, 16, 64], "Heads": [1, 2]}
     results = {}
     for name, pattern in (("Neurons", NEURONS), ("Heads", HEADS)):
         results[name] = study(model, sentences, pattern, ks[name], args.draws, args.seed)

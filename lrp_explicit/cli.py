@@ -13,6 +13,13 @@ Bad input ends with exit code 2 and one line on stderr (``lrp-explicit audit: er
     Load a Hugging Face model (a local folder, or a hub name as for ``explain``), explain one
     output of a short input, say which token or class that was and its logit, and print the
     conservation report (:func:`lrp_explicit.audit`) as a table or JSON.
+``explain-dataset``
+    Explain every sample of a JSON lines, CSV or parquet file into parquet shards of a run
+    folder (:func:`lrp_explicit.explain_dataset`; resumable, and unchanged under ``torchrun``
+    or ``accelerate launch``).
+``evaluate``
+    Faithfulness metrics of a run folder against a ground truth and by perturbation
+    (:func:`lrp_explicit.evaluate`), as a table, JSON and a plot.
 """
 from __future__ import annotations
 

@@ -364,9 +364,10 @@ def unit_layers(model: nn.Module) -> list[Site]:
                 sites.append(_head_site(modules, name))
         elif _is_activation(module) and _down_projection(modules, name) is not None:
             sites.append(_neuron_site(modules, name))
-    blocks = []
+    blocks: list[str] = []
     for name, module in modules.items():
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, nn.ModuleList) and not any(
+                name.startswith(b + ".") for b in blocks):  # not the sub-layers of a block
             for child in module._modules:
                 block = f"{name}.{child}" if name else child
                 if any(s.name.startswith(block + ".") for s in sites):
@@ -383,6 +384,8 @@ def unit_layers(model: nn.Module) -> list[Site]:
 
 
 def _index(value: Any, what: str) -> int:
+    if isinstance(value, str) and value.isdigit():  # a key read back from JSON
+        return int(value)
     if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or (
             isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point())):
         raise TypeError(f"{what}: a unit is an int index, not {value!r}")
@@ -403,7 +406,7 @@ def _weights(value: Any, what: str, default: float | None) -> dict[int, float]:
     if isinstance(value, Tensor):
         value = value.flatten().tolist() if value.dim() else int(value)
     if isinstance(value, (numbers.Integral, str)) and not isinstance(value, bool):
-        return {_index(value, what): default}
+        return {_index(value, what): default}  # a str that is no index is refused there
     if isinstance(value, Iterable):
         return {_index(v, what): default for v in value}
     raise TypeError(f"{what}: units are an index, a list of indices or a mapping, not "
@@ -611,13 +614,14 @@ class UnitRecorder:
 
     def units(self) -> dict[str, Tensor]:
         """Relevance per unit, ``(batch, units)``, by layer name in forward order (the calls of
-        a module that runs several times summed)."""
+        a module that runs several times summed when their shapes agree, else the first)."""
         out = {}
         for site in self.order:
-            if site in self._sums and site in {s for s in self.sites}:
-                calls = self._sums[site]
-                out[site.name] = sum(calls[1:], calls[0]) if len({c.shape for c in calls}) == 1 \
-                    else calls[0]
+            calls = self._sums[site]
+            # calls of one shape (the two texts of a pair) add up; of different shapes (tokens
+            # routed to an expert) only the first is kept
+            out[site.name] = sum(calls[1:], calls[0]) if len({c.shape for c in calls}) == 1 \
+                else calls[0]
         return out
 
     def relevance(self, site: Site) -> list[Tensor]:

@@ -118,6 +118,7 @@ def test_a_perfect_attribution_beats_random_orders():
     assert ev["delete MoRF"] < ev["delete random"] - 0.5
     assert ev["delete LeRF"] > ev["delete random"] + 0.5
     assert ev["insert MoRF"] > ev["insert random"] + 0.5
+    assert ev["ABC"] > 1.0 and abs(ev["ABC random"]) < 4 * ev.sem["ABC random"] + 0.1
     morf, rand = np.array(ev.curves["delete MoRF"]), np.array(ev.curves["delete random"])
     assert (morf <= rand + 1e-9).all() and (morf[1:-1] < rand[1:-1]).all()
     scrambled = [dict(r, relevance=torch.randn(10, generator=gen).tolist()) for r in rows]
@@ -205,3 +206,49 @@ def test_vision_rma_is_the_shared_metric():
     ev = lrp_explicit.evaluate({"relevance": list(heat)}, truth=list(mask))
     assert ev["RMA"] == pytest.approx(float(expected.mean()), abs=1e-12)
     assert math.isclose(ev.metrics["RMA"], float(expected.mean()), abs_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------- the marked task
+
+
+def test_marked_task_sentences():
+    from lrp_explicit.evaluation import marked
+
+    for masked in (False, True):
+        for s in marked.make_samples(200, masked, held_out=True, seed=1):
+            ids = s.ids.tolist()
+            assert ids[s.marker] == marked.MARK and s.noun == s.marker + 1
+            nouns = [i for i in ids if marked.NOUN0 <= i < marked.FILLER0]
+            number = [(i - marked.NOUN0) // marked.N_NOUNS for i in nouns]
+            assert 6 <= len(nouns) <= 9 and ids.count(marked.MARK) == 1
+            assert (ids[s.noun] - marked.NOUN0) // marked.N_NOUNS == s.label
+            assert number.count(1 - s.label) >= 2 and number.count(s.label) >= 2
+            if masked:
+                assert ids[0] == marked.CLS and ids[s.position] == marked.MASK
+            else:
+                assert s.position == len(ids) - 1
+    batch = marked.make_samples(5, False, held_out=True, seed=2)
+    ids, mask, _, _, truth = marked.collate(batch)
+    assert truth.sum(1).tolist() == [2] * 5 and (ids[truth.nonzero(as_tuple=True)][::2]
+                                                 == marked.MARK).all()
+    noun, valid = marked.noun_only(ids, truth)
+    assert noun.sum(1).tolist() == [1] * 5 and not (valid & (ids == marked.MARK)).any()
+    assert not (marked.scored_tokens(ids) & (mask == 0)).any()
+
+
+def test_marked_batch_equals_one_sample_at_a_time():
+    from lrp_explicit.evaluation import marked
+
+    model = marked.build_model("gpt2", seed=0).double().eval()
+    samples = [s for s in marked.make_samples(60, False, held_out=True, seed=3)]
+    length = max({len(s.ids) for s in samples}, key=[len(s.ids) for s in samples].count)
+    same = [s for s in samples if len(s.ids) == length][:4]
+    ids, _, pos, label, _ = marked.collate(same)
+    batch = marked.explain_batch(model, ids, pos, label)
+    for i in range(len(same)):
+        one = marked.explain_batch(model, ids[i:i + 1], pos[i:i + 1], label[i:i + 1])
+        for name in marked.METHODS:
+            torch.testing.assert_close(batch[name][i], one[name][0], rtol=1e-9, atol=1e-12)
+    # completeness of Integrated Gradients (a smooth untrained model, 16 steps)
+    ratio = batch["ig"].sum(-1) / batch["ig:delta"]
+    assert ((ratio - 1).abs() < 0.05).all(), ratio

@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module may import its own layer's modules and those below):
 errors/tokens → functional → ops → rules → dispatch → composites → pipeline → latent → heatmaps →
-explain, audit → runs → testing, evaluation → vision_task (alias) → cli → __main__ → the package root.
+explain, audit → runs → testing, evaluation → integrations → vision_task (alias) → cli →
+__main__ → the package root.
 Every import counts: at module level, inside functions, and under ``TYPE_CHECKING``.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ LAYERS = [
     ("explain", "audit"),
     ("runs",),
     ("testing", "evaluation"),
+    ("integrations",),
     ("vision_task",),
     ("cli",),
     ("__main__",),

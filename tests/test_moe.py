@@ -41,7 +41,8 @@ def moe_integration(feature: str | None = None):
     try:
         import transformers.integrations.moe as moe
     except ImportError:
-        pytest.skip(f"transformers {tf.__version__} has no experts implementations (transformers 5)")
+        pytest.skip(f"transformers {tf.__version__} has no experts implementations "
+                    "(transformers 5)")
     if feature is not None and not hasattr(moe, feature):
         pytest.skip(f"transformers {tf.__version__}: the MoE integration has no {feature}")
     return moe

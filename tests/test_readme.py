@@ -90,3 +90,31 @@ def test_readme_generation_section_is_the_start_of_the_page():
     readme = python_blocks(section("Explaining generated text"))
     page = python_blocks(GENERATION.read_text(encoding="utf-8"))
     assert len(readme) == 1 and readme == page[:1]
+
+
+LATENT = README.parent / "docs" / "latent.md"
+
+
+def test_latent_page_runs_as_shown(tmp_path, monkeypatch, capsys):
+    """The blocks of the page on neurons, heads and concepts (the first is the README's)."""
+    blocks = python_blocks(LATENT.read_text(encoding="utf-8"))
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for n, block in enumerate(blocks):
+        exec(compile(block, f"docs/latent.md block {n + 1}", "exec"), namespace)
+    e, best, heads = namespace["e"], namespace["best"], namespace["heads"]
+    assert len(heads) == 4 and best.kind == "neuron"
+    torch.testing.assert_close(sum(h.relevance for h in heads), namespace["layer"].relevance,
+                               rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(namespace["block"].relevance, e.relevance, rtol=1e-5, atol=1e-8)
+    assert float(namespace["off"].units[best.layer][best.index]) == 0.0
+    assert namespace["fire"].target == best.spec and namespace["through"].condition == best.spec
+    assert isinstance(namespace["ablation"], lrp_explicit.evaluation.Ablation)
+    assert "top-k change" in capsys.readouterr().out
+
+
+def test_readme_latent_section_is_the_start_of_the_page():
+    readme = python_blocks(section("Neurons, heads and concepts"))
+    page = python_blocks(LATENT.read_text(encoding="utf-8"))
+    assert len(readme) == 1 and readme == page[:1]

@@ -7,6 +7,9 @@
 - :mod:`~lrp_explicit.evaluation.text` — subject–verb agreement with attractors (the subject is
   the ground truth), tiny LLaMA, GPT-2 and BERT models trained on it, and the contrastive verb
   logit difference explained for a whole batch in one pass;
+- :mod:`~lrp_explicit.evaluation.marked` — agreement with a *marked* noun among attractors and
+  same-number distractors: a harder task on which no method is at the ceiling (the marker and
+  the marked noun are the ground truth), with Integrated Gradients among the baselines;
 - :mod:`~lrp_explicit.evaluation.metrics` — token metrics against a ground truth (PG2, MRR,
   RMA, PTA) and the building blocks of perturbation curves (deletion and insertion, MoRF /
   LeRF, replacement embeddings, AUC, the area between the curves);
@@ -29,7 +32,7 @@ from .metrics import (area_between, best_rank, curve_on_grid, deleted_inputs, de
                       token_metrics)
 from .results import Evaluation, compare, evaluate, replacement_embedding
 
-__all__ = ["metrics", "results", "text", "vision", "ablation", "evaluate", "Evaluation",
+__all__ = ["metrics", "results", "text", "marked", "vision", "ablation", "evaluate", "Evaluation",
            "compare", "ablate", "Ablation",
            "replacement_embedding", "token_metrics", "pointing_game", "reciprocal_rank",
            "mass_accuracy", "sign_agreement", "ranks", "best_rank", "deletion_order",

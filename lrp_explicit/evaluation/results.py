@@ -62,7 +62,8 @@ class Evaluation:
     metrics : dict of str to float
         Each metric's mean over the rows (``PG2``, ``MRR``, ``RMA``, ``PTA``; ``delete MoRF``,
         ``delete LeRF``, ``insert MoRF``, ``insert LeRF`` (areas under the curves), ``ABC``;
-        ``… random`` for the random orders).
+        ``delete random``, ``insert random`` and ``ABC random`` (between a random order and
+        its reverse) for the random orders).
     sem : dict of str to float
         The standard error of each mean (over rows; for the random orders over rows and
         draws).
@@ -440,7 +441,8 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
     max_steps : int
         At most this many perturbation steps per curve (evenly spread over the tokens).
     random_orders : int
-        Also perturb in this many random orders per row (``… random``: the baseline).
+        Also perturb in this many random orders per row and in their reverses (``delete
+        random``, ``insert random``, ``ABC random``: the baseline).
     score : callable, optional
         ``score(inputs_embeds, row)`` → ``(m,)`` scores of ``m`` perturbed inputs ``(m, L,
         H)``, instead of the explained logit.
@@ -481,7 +483,6 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
     truths = _per_row(truth, rows, "truth")
     valids = _per_row(valid, rows, "valid")
     per_row: dict[str, list[float]] = {}
-    pg = f"PG{k}"
     flats = [_flat(r.get(key), i, key) for i, r in enumerate(rows)]
     keep: list[Tensor] = []
     for i, (row, rel) in enumerate(zip(rows, flats)):
@@ -493,19 +494,7 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
         else:
             keep.append(torch.ones(rel.numel(), dtype=torch.bool))
     if truth is not None:
-        for name in (pg, "MRR", "RMA", "PTA"):
-            per_row[name] = []
-        for i, rel in enumerate(flats):
-            gt = _mask(truths[i], rel.numel(), i, "truth")
-            if not (gt & keep[i]).any():
-                raise ValueError(f"row {i}: no ground-truth token among the scored tokens")
-            best = metrics.best_rank(rel[None], gt[None], keep[i][None])
-            per_row[pg].append(float(best[0] <= k))
-            per_row["MRR"].append(float(1.0 / best[0]))
-            per_row["RMA"].append(float(metrics.mass_accuracy(rel[None], gt[None],
-                                                              keep[i][None])[0]))
-            per_row["PTA"].append(float(metrics.sign_agreement(rel[None], gt[None],
-                                                               keep[i][None])[0]))
+        per_row.update(_truth_metrics(flats, truths, keep, k))
     curves: dict[str, list[np.ndarray]] = {}
     random_sem: dict[str, list[np.ndarray]] = {}
     settings: dict[str, Any] = {"level": level, "k": k, "rows": len(rows)}
@@ -524,6 +513,26 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
         per_row[name] = [float(d.mean()) for d in draws]
     mean_curves = {name: np.mean(values, 0).round(6).tolist() for name, values in curves.items()}
     return Evaluation(means, sem, per_row, mean_curves, GRID.tolist(), len(rows), settings)
+
+
+def _truth_metrics(flats: list[Tensor], truths: list[Any], keep: list[Tensor],
+                   k: int) -> dict[str, list[float]]:
+    """PG-k, MRR, RMA and PTA of every row, computed on the rows padded into one batch (the
+    padding is not scored)."""
+    width = max(rel.numel() for rel in flats)
+    rel = torch.zeros(len(flats), width, dtype=torch.float64)
+    gt = torch.zeros(len(flats), width, dtype=torch.bool)
+    valid = torch.zeros(len(flats), width, dtype=torch.bool)
+    for i, row in enumerate(flats):
+        n = row.numel()
+        mask = _mask(truths[i], n, i, "truth")
+        if not (mask & keep[i]).any():
+            raise ValueError(f"row {i}: no ground-truth token among the scored tokens")
+        rel[i, :n], gt[i, :n], valid[i, :n] = row, mask, keep[i]
+    best = metrics.best_rank(rel, gt, valid)
+    return {f"PG{k}": (best <= k).double().tolist(), "MRR": (1.0 / best).tolist(),
+            "RMA": metrics.mass_accuracy(rel, gt, valid).tolist(),
+            "PTA": metrics.sign_agreement(rel, gt, valid).tolist()}
 
 
 def _perturb(model: nn.Module, rows: list[dict[str, Any]], flats: list[Tensor],
@@ -547,7 +556,7 @@ def _perturb(model: nn.Module, rows: list[dict[str, Any]], flats: list[Tensor],
     for name in names:
         per_row[name] = []
     if random_orders:
-        for name in ("delete random", "insert random"):
+        for name in ("delete random", "insert random", "ABC random"):
             random_sem[name] = []
     was_training = model.training
     model.eval()
@@ -579,6 +588,7 @@ def _perturb(model: nn.Module, rows: list[dict[str, Any]], flats: list[Tensor],
             morf = metrics.deletion_order(rel[positions])
             orders = torch.stack([morf, morf.flip(-1)])
             shuffled = metrics.random_orders(n, random_orders, generator)
+            shuffled = torch.cat([shuffled, shuffled.flip(-1)])  # each draw and its reverse
             values = _curves(score, x, positions, torch.cat([orders, shuffled]), steps, vector,
                              batch_size)
             if check_score and score_fn is None and row.get("score") is not None:
@@ -601,10 +611,15 @@ def _perturb(model: nn.Module, rows: list[dict[str, Any]], flats: list[Tensor],
             per_row["ABC"].append(float(metrics.area_between(values[0], values[1], fractions)))
             if random_orders:
                 draws = values[2:]
+                forward, reverse = draws[:random_orders], draws[random_orders:]
                 random_sem["delete random"].append(np.array(
                     [_auc(fractions, d) for d in draws]))
+                # inserting the first k of an order = deleting the first n - k of its reverse
                 random_sem["insert random"].append(np.array(
                     [_auc(back, d.flip(0)) for d in draws]))
+                random_sem["ABC random"].append(np.array(
+                    [float(metrics.area_between(a, b, fractions))
+                     for a, b in zip(forward, reverse)]))
                 curves.setdefault("delete random", []).append(np.mean(
                     [_on_grid(fractions, d) for d in draws], 0))
                 curves.setdefault("insert random", []).append(np.mean(

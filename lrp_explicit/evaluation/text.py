@@ -177,7 +177,8 @@ def scored_tokens(ids: Tensor) -> Tensor:
     return (ids != CLS) & (ids != SEP) & (ids != MASK) & (ids != PAD)
 
 
-def build_model(family: str, seed: int) -> nn.Module:
+def build_model(family: str, seed: int, vocab_size: int | None = None,
+                positions: int = 64) -> nn.Module:
     """A tiny untrained model of ``family`` (2 layers, width 64, no dropout), seeded.
 
     Parameters
@@ -186,6 +187,11 @@ def build_model(family: str, seed: int) -> nn.Module:
         ``LlamaForCausalLM``, ``GPT2LMHeadModel`` or ``BertForMaskedLM``.
     seed : int
         Seed of the initial weights.
+    vocab_size : int, optional
+        The vocabulary's size (default: this task's, ``len(VOCAB)``; other synthetic tasks
+        such as :mod:`~lrp_explicit.evaluation.retrieval` pass theirs).
+    positions : int
+        The most tokens the model takes.
 
     Raises
     ------
@@ -197,20 +203,20 @@ def build_model(family: str, seed: int) -> nn.Module:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(VOCAB), pad_token_id=PAD)
+    common = dict(vocab_size=len(VOCAB) if vocab_size is None else vocab_size, pad_token_id=PAD)
     if family == "llama":
         config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=64, tie_word_embeddings=False,
+                                max_position_embeddings=positions, tie_word_embeddings=False,
                                 **common)
         return tf.LlamaForCausalLM(config)
     if family == "gpt2":
-        config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                               eos_token_id=None, **common)
+        config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=positions,
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                               bos_token_id=None, eos_token_id=None, **common)
         return tf.GPT2LMHeadModel(config)
     config = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64,
+                           num_attention_heads=4, max_position_embeddings=positions,
                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
     return tf.BertForMaskedLM(config)
 

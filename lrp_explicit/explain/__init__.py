@@ -14,6 +14,12 @@ batch gives an :class:`ExplanationBatch`. Every result knows the text of its tok
 words (:mod:`~lrp_explicit.explain.words`), shows itself in notebooks, terminals and files, and
 saves as a record that :func:`load` reads back (:mod:`~lrp_explicit.explain.store`).
 
+Every result also holds the relevance of each latent unit (MLP neurons, attention heads,
+residual-stream dimensions: ``units``, ``top_units()``, ``latent_view()`` → a
+:class:`LatentView`); ``explain(..., target={module: units})`` explains units instead of a
+logit and ``condition=`` keeps only the relevance that flows through chosen units
+(:mod:`~lrp_explicit.explain.units`, on the machinery of :mod:`lrp_explicit.latent`).
+
 Encoder–decoders (T5: :mod:`~lrp_explicit.explain.seq2seq`) and image–text models (CLIP,
 LLaVA: :mod:`~lrp_explicit.explain.multimodal`, whose results are
 :class:`ImageTextExplanation`) are explained by their own modules, which
@@ -27,8 +33,9 @@ from .core import cosine, explain, mean_pool
 from .multimodal import ImageTextExplanation, overlay
 from .result import Explanation, ExplanationBatch, GenerationExplanation
 from .store import load
+from .units import LatentView
 from .words import TokenText
 
 __all__ = ["explain", "Explanation", "ExplanationBatch", "GenerationExplanation", "load",
            "TokenText", "task_of", "TASKS", "SOFTMAX", "mean_pool", "cosine",
-           "ImageTextExplanation", "overlay"]
+           "ImageTextExplanation", "overlay", "LatentView"]

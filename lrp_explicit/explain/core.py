@@ -85,7 +85,7 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         sample, with a progress bar; the samples are explained ``batch_size`` at a time in one
         forward and one backward pass (padded on the right where their lengths differ), and
         each gets exactly the relevance it gets alone.
-    target : int, str or list of int, optional
+    target : int, str, list of int or mapping, optional
         The token or class to explain; default: the model's prediction. A text must be one
         token (``" Paris"``, with the space a byte-level tokenizer puts before a word): a text
         that the tokenizer splits into several tokens is an error that names the pieces and
@@ -93,7 +93,13 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         list of ids is a continuation: it is appended to the input and the sum of its logits
         (each at the position before it) is explained. A classifier also takes a label name.
         For a batch: one target for all samples, or a list with one per sample (so a
-        continuation for a batch is a list of lists).
+        continuation for a batch is a list of lists). A mapping of module name to latent
+        units (as for ``condition``, or ``{unit: weight}``) explains the units instead of a
+        logit: the relevance starts at their activation (times the weights) at the explained
+        token (``position``; by default the last token of a causal LM, the mask of a masked
+        LM, all tokens otherwise), so it shows which inputs make a neuron fire. Every result
+        carries the relevance of every MLP neuron, attention head and residual-stream
+        dimension in ``units`` (``top_units()``, ``latent_view()``).
     composite : str or Composite
         Registry name (``"attnlrp"``, ``"cp-lrp"``) or a :class:`~lrp_explicit.Composite`.
     contrast : int, str, optional
@@ -138,14 +144,6 @@ def explain(model: nn.Module, inputs: Any, target: Any = None,
         layer sums over them, and a condition on no unit gives zero. A list of conditions
         gives one result per condition (sample-major for a batch), the conditions that name
         the same modules explained together, stacked along the batch.
-
-    A ``target`` that is a mapping of module name to units (same forms as ``condition``, or
-    ``{unit: weight}``) explains latent units instead of a logit: the relevance starts at the
-    units' activation (times their weights) at the explained token (``position``; by default
-    the last token of a causal LM, the mask of a masked LM, all tokens otherwise) — which
-    inputs make the neuron fire. Every result carries the relevance of every MLP neuron,
-    attention head and residual-stream dimension in ``units`` (:meth:`Explanation.top_units`,
-    :meth:`Explanation.latent_view`).
 
     Returns
     -------

@@ -26,6 +26,7 @@ from ..pipeline.targets import logit_relevance, token_name
 from .common import contrast_id, model_name, vocabulary
 from .result import GenerationExplanation
 from .store import jsonable
+from .units import UnitPlan, stacked
 from .words import TokenText, extend_text, token_text
 
 __all__ = ["explain_generation", "generate_tokens"]
@@ -192,9 +193,14 @@ def explain_generation(model: nn.Module, inputs: Any, comp: Composite, tokenizer
     parts: list[Tensor] = []
     latent: dict[str, list[Tensor]] = {}
     infos: list[dict[str, Any]] = []
+    plan = UnitPlan(model)
+    units: list[dict[str, Tensor]] = []
     for rows in chunks:
         batch = prepare(model, full.repeat(len(rows), 1), tokenizer, task)
-        result = attribute(model, batch, resolve_rows(rows), comp, record=record)
+        result = attribute(model, batch, resolve_rows(rows), comp, record=record,
+                           observers=plan.observers())
+        units.append({k: torch.stack([plan.units(b, len(rows))[k] for b in range(len(rows))])
+                      for k in plan.units(0, len(rows))})
         grad = result.relevance[next(iter(batch.leaves))]
         if grad is None:
             raise ValueError("no relevance reached the input")
@@ -223,4 +229,4 @@ def explain_generation(model: nn.Module, inputs: Any, comp: Composite, tokenizer
         latent={k: torch.cat(v) if all(t.dim() >= 1 for t in v) else torch.stack(v)
                 for k, v in latent.items()},
         composite=comp.name, model=model_name(model), generation=jsonable(used),
-        token_text=text)
+        token_text=text, units=stacked(units), unit_kinds=dict(plan.kinds))

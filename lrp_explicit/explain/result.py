@@ -371,7 +371,9 @@ class Explanation(_TokenViews):
                 else word_relevance.double().tolist(),
                 "composite": self.composite, "model": self.model, "version": self.version,
                 "latent": {k: list(v.shape) for k, v in self.latent.items()},
-                "units": {k: v.double().tolist() for k, v in self.units.items()},
+                "units": {k: list(v.shape) for k, v in self.units.items()},
+                "top_units": [u._asdict() for u in self.top_units("*", 20, absolute=True)]
+                if self.units else [],
                 "condition": self.condition}
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:

@@ -29,6 +29,7 @@ from ..pipeline.targets import (SOFTMAX, as_index, check_position, logit_relevan
 from ..tokens import clean_tokens
 from .common import model_name, vocabulary
 from .result import Explanation
+from .units import UnitPlan
 
 __all__ = ["SEQ2SEQ", "explain_seq2seq"]
 
@@ -234,11 +235,13 @@ def _resolve(rows: list[_Row], tokenizer: Any, size: int):
 
 
 def _run(model: nn.Module, rows: list[_Row], comp: Composite, tokenizer: Any,
-         record: Sequence[str]) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
-    """One pass over the rows; the relevance per source token and per decoder token of each."""
+         record: Sequence[str], plan: UnitPlan | None = None
+         ) -> tuple[list[Tensor], list[Tensor], dict[str, Tensor]]:
+    """One pass over the rows; the relevance per source token and per decoder token of each
+    (and, with a ``plan``, the relevance per latent unit of each, read by ``plan.units``)."""
     batch = _prepare(model, rows)
     result = attribute(model, batch, _resolve(rows, tokenizer, vocabulary(model)), comp,
-                       record=record)
+                       record=record, observers=plan.observers() if plan is not None else ())
     source = result.relevance["inputs_embeds"]
     decoder = result.relevance["decoder_inputs_embeds"]
     if source is None or decoder is None:
@@ -335,9 +338,10 @@ def explain_seq2seq(model: nn.Module, inputs: Any, target: Any = None,
     rows = [r for s, t in zip(samples, targets)
             for r in _rows(model, s, t, contrast, tokenizer, position)]
     out = []
+    plan = UnitPlan(model)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        sources, decoders, latent = _run(model, chunk, composite, tokenizer, record)
+        sources, decoders, latent = _run(model, chunk, composite, tokenizer, record, plan)
         for b, (row, rs, rd) in enumerate(zip(chunk, sources, decoders)):
             decoder_tokens = _tokens(tokenizer, row.decoder)
             out.append(Explanation(
@@ -347,7 +351,8 @@ def explain_seq2seq(model: nn.Module, inputs: Any, target: Any = None,
                 prediction=row.info["prediction"],
                 segments=[0] * len(rs) + [1] * len(rd), segment_names=["source", "decoder"],
                 latent=_latent_row(latent, b, len(chunk)), composite=composite.name,
-                model=model_name(model), ids=row.source.tolist() + list(row.decoder)))
+                model=model_name(model), ids=row.source.tolist() + list(row.decoder),
+                units=plan.units(b, len(chunk)), unit_kinds=dict(plan.kinds)))
     return out if batch else out[0]
 
 
@@ -369,9 +374,12 @@ def _explain_generation(model: nn.Module, inputs: Any, composite: Composite, con
     width = len(source) + len(sequence)   # the source, the start token, the generated tokens
     matrix = torch.zeros(len(rows), width, dtype=next(unwrap(model).parameters()).dtype)
     latent: dict[str, list[Tensor]] = {}
+    plan = UnitPlan(model)
+    units: list[dict[str, Tensor]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        sources, decoders, recorded = _run(model, chunk, composite, tokenizer, record)
+        sources, decoders, recorded = _run(model, chunk, composite, tokenizer, record, plan)
+        units += [plan.units(b, len(chunk)) for b in range(len(chunk))]
         for b, (row, rs, rd) in enumerate(zip(chunk, sources, decoders)):
             i = start + b
             matrix[i, :len(source)] = rs
@@ -387,4 +395,6 @@ def _explain_generation(model: nn.Module, inputs: Any, composite: Composite, con
         latent={k: torch.stack([t.detach().cpu() for t in v]) for k, v in latent.items()
                 if len({t.shape for t in v}) == 1},
         composite=composite.name, model=model_name(model),
-        generation={"max_new_tokens": steps, "do_sample": False, **options})
+        generation={"max_new_tokens": steps, "do_sample": False, **options},
+        units={k: torch.stack([u[k] for u in units]) for k in (units[0] if units else {})},
+        unit_kinds=dict(plan.kinds))

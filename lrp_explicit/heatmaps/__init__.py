@@ -15,6 +15,7 @@ tokens). The functions here know nothing about models: the result objects of
 text and pixels           :func:`html_fragment`, :func:`html_page`, :func:`terminal`,
                           :func:`png`, :func:`latex` (and :func:`pdf`)
 generation matrix         :func:`matrix_html`, :func:`matrix_png`, :func:`matrix_terminal`
+latent units              :func:`units_html`, :func:`units_terminal`
 several views, one page   :func:`html_document`
 ========================  ====================================================================
 """
@@ -31,8 +32,9 @@ from ._image import figure as png_figure
 from ._image import matrix_figure, matrix_png, png
 from ._latex import latex, pdf
 from ._terminal import COLOR_SYSTEMS, matrix_terminal, terminal
+from ._units import units_html, units_terminal
 
 __all__ = ["clean_tokens", "normalise", "colour", "colours", "colour_map", "ink",
            "html_fragment", "html_page", "html_document", "matrix_html", "terminal",
            "matrix_terminal", "png", "png_figure", "matrix_png", "matrix_figure", "latex", "pdf",
-           "COLOR_SYSTEMS", "RenderError"]
+           "units_html", "units_terminal", "COLOR_SYSTEMS", "RenderError"]
