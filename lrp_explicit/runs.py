@@ -51,13 +51,13 @@ from torch import nn
 from .composites import Composite
 from .explain import ExplanationBatch, explain
 from .explain.common import model_name
-from .explain.store import library_version, register_folder_reader
+from .explain.store import jsonable, library_version, register_folder_reader
 from .functional import default_epsilon
 from .pipeline import progress as show_progress
 from .pipeline import resolve_composite, task_of
 
 __all__ = ["explain_dataset", "load_run", "read_data", "run_metadata", "RowError", "META",
-           "FORMATS", "process_state", "add_arguments", "run_command"]
+           "FORMATS", "process_state", "process_gpus", "add_arguments", "run_command"]
 
 #: File name of a run folder's metadata.
 META = "lrp_run.json"
@@ -565,9 +565,15 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
             "generation_kwargs": dict(generation_kwargs) if generation_kwargs else None,
             "position": position, "id_field": id_field, "keep": keep,
             "batch_size": batch_size, "data": where, "rows": len(table)}
+    meta = jsonable(meta)
     folder = Path(output).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; the output is a folder")
+    others = sorted(p.name for p in folder.iterdir() if p.name != META and not _SHARD.match(
+        p.name) and not p.name.startswith(_TEMPORARY)) if folder.is_dir() else []
+    if others:
+        raise ValueError(f"{folder} holds other files ({', '.join(others[:3])}); give a new or "
+                         "empty folder, or a run folder to resume")
     _check_settings(folder, meta)
     done = _finished(folder)
     texts = list(table[text_field])

@@ -151,6 +151,10 @@ def test_a_rerun_skips_finished_rows_and_explains_new_ones(model_and_tokenizer, 
                                          r"'cp-lrp \(gpt2\)'"):
         lrp_explicit.explain_dataset(model, data, tmp_path, tokenizer=tok, id_field="key",
                                      composite="cp-lrp", progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
+        lrp_explicit.explain_dataset(model, data, tmp_path, tokenizer=tok, id_field="key",
+                                     progress=False)
 
 
 def test_generation_rows(model_and_tokenizer, tmp_path):
@@ -353,13 +357,23 @@ def test_readme_section_runs_as_shown_and_torchrun_equals_one_process(folder, tm
     commands = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
                 for line in block.replace("\\\n", " ").splitlines() if line.strip()]
     assert any(c.startswith("torchrun --nproc_per_node 2") for c in commands)
-    for command in commands:
+
+    def argv(command: str) -> list[str]:
         words = shlex.split(command)
-        if words[0] == "lrp-explicit":
-            words = [sys.executable, "-m", "lrp_explicit", *words[1:]]
-        elif words[0] == "torchrun":
-            words = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
-        done = subprocess.run(words, cwd=tmp_path, env=child_env(), capture_output=True,
+        launcher = {"lrp-explicit": ["-m", "lrp_explicit"],
+                    "torchrun": ["-m", "torch.distributed.run"]}[words[0]]
+        return [sys.executable, *launcher, *words[1:]]
+
+    # the explain-dataset runs are independent: side by side; then the others in order
+    runs_first = [c for c in commands if "explain-dataset" in c]
+    started = [(c, subprocess.Popen(argv(c), cwd=tmp_path, env=child_env(), text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+               for c in runs_first]
+    for command, proc in started:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"{command}\n{err[-3000:]}"
+    for command in [c for c in commands if c not in runs_first]:
+        done = subprocess.run(argv(command), cwd=tmp_path, env=child_env(), capture_output=True,
                               text=True, timeout=180)
         assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)

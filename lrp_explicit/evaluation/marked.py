@@ -5,10 +5,13 @@ subject is the first noun, and both LRP variants point at it in every sentence. 
 the verb agrees with can be anywhere: a sentence lists several nouns (with filler words between
 them), one of them preceded by the marker ``*``, and the verb (``is`` / ``are``) agrees with the
 marked noun. The model has to combine two positions: the marker (which noun) and the noun after
-it (which number). In held-out sentences there are six to nine nouns, at least two of the
-opposite number (attractors) and at least one of the same number as the marked noun (a
-distractor that carries the same evidence as the answer, in the wrong place). The *ground truth*
-is the marker and the marked noun; :func:`noun_only` scores the noun alone.
+it (which number). Other nouns may be preceded by a *decoy* marker ``+``, which the verb
+ignores. In held-out sentences there are seven to eleven nouns, at least two of the opposite
+number (attractors) and at least one of the same number as the marked noun (a distractor that
+carries the same evidence as the answer, in the wrong place), and two decoys. The evidence is
+the marker and the marked noun (:func:`collate`'s ground truth); :func:`noun_only` scores the
+noun alone with the marker left out, the stricter test (the rare marker token is easy to point
+at) that ``benchmarks/faithfulness.py`` reports first.
 
 Tiny LLaMA and GPT-2 models (causal: the sentence ends before the verb, predicted at the last
 position) and a tiny BERT (masked: ``[CLS] sentence [MASK] [SEP]``) are built from their
@@ -42,25 +45,25 @@ from ..composites import Composite
 from ..pipeline import Target, attribute, prepare, resolve_composite
 from .text import build_model as _build
 
-__all__ = ["VOCAB", "PAD", "CLS", "SEP", "MASK", "MARK", "VERBS", "NOUN0", "FILLER0",
+__all__ = ["VOCAB", "PAD", "CLS", "SEP", "MASK", "MARK", "DECOY", "VERBS", "NOUN0", "FILLER0",
            "N_NOUNS", "N_FILLERS", "MAX_LENGTH", "STOP_ACCURACY", "METHODS", "Sample",
            "make_samples", "collate", "scored_tokens", "noun_only", "build_model",
            "verb_logits", "accuracy", "train", "contrast", "explain_batch"]
 
-#: Special tokens, and the marker ``*``.
-PAD, CLS, SEP, MASK, MARK = 0, 1, 2, 3, 4
+#: Special tokens, the marker ``*`` and the decoy marker ``+``.
+PAD, CLS, SEP, MASK, MARK, DECOY = 0, 1, 2, 3, 4, 5
 #: Ids of ``is`` (singular, label 0) and ``are`` (plural, label 1).
-VERBS = torch.tensor([5, 6])
+VERBS = torch.tensor([6, 7])
 #: Number of singular nouns (and of plurals).
 N_NOUNS = 24
 #: First singular noun; plurals follow the singulars.
-NOUN0 = 7
+NOUN0 = 8
 #: Number of filler words.
 N_FILLERS = 24
 #: First filler word.
 FILLER0 = NOUN0 + 2 * N_NOUNS
 #: The words of the vocabulary, by id.
-VOCAB: list[str] = (["[PAD]", "[CLS]", "[SEP]", "[MASK]", "*", "is", "are"]
+VOCAB: list[str] = (["[PAD]", "[CLS]", "[SEP]", "[MASK]", "*", "+", "is", "are"]
                     + [f"noun{i}" for i in range(N_NOUNS)]
                     + [f"noun{i}s" for i in range(N_NOUNS)]
                     + [f"w{i}" for i in range(N_FILLERS)])
@@ -98,7 +101,8 @@ class Sample:
 
 
 def make_samples(n: int, masked: bool, held_out: bool, seed: int,
-                 nouns: tuple[int, int] | None = None) -> list[Sample]:
+                 nouns: tuple[int, int] | None = None,
+                 decoys: tuple[int, int] | None = None) -> list[Sample]:
     """Draw ``n`` sentences (seeded).
 
     Parameters
@@ -108,19 +112,24 @@ def make_samples(n: int, masked: bool, held_out: bool, seed: int,
     masked : bool
         BERT layout ``[CLS] sentence [MASK] [SEP]``; else the sentence alone.
     held_out : bool
-        Six to nine nouns with at least two attractors (opposite number) and one distractor of
-        the marked noun's number; else two to nine nouns of random number (training).
+        Seven to eleven nouns with at least two attractors (opposite number), one distractor
+        of the marked noun's number and two decoys; else two to eleven nouns of random number
+        and up to two decoys (training).
     seed : int
         Seed of numpy's generator.
     nouns : (int, int), optional
         The fewest and most nouns (overrides the defaults).
+    decoys : (int, int), optional
+        The fewest and most other nouns preceded by the decoy ``+`` (overrides the
+        defaults).
 
     Returns
     -------
     list of Sample
     """
     rng = np.random.default_rng(seed)
-    lo, hi = nouns or ((6, 9) if held_out else (2, 9))
+    lo, hi = nouns or ((7, 11) if held_out else (2, 11))
+    fewest, most = decoys or ((2, 2) if held_out else (0, 2))
     if held_out and lo < 4:
         raise ValueError("held-out sentences need at least four nouns")
     out = []
@@ -134,6 +143,10 @@ def make_samples(n: int, masked: bool, held_out: bool, seed: int,
             rng.shuffle(others)
             numbers[others[:2]] = 1 - label
             numbers[others[2]] = label
+        others = [j for j in range(k) if j != chosen]
+        count = min(int(rng.integers(fewest, most + 1)), len(others))
+        decoyed = set(int(j) for j in rng.choice(others, size=count, replace=False)) \
+            if count else set()
         tokens: list[int] = [CLS] if masked else []
         marker = 0
         for j in range(k):
@@ -141,6 +154,8 @@ def make_samples(n: int, masked: bool, held_out: bool, seed: int,
             if j == chosen:
                 marker = len(tokens)
                 tokens.append(MARK)
+            elif j in decoyed:
+                tokens.append(DECOY)
             tokens.append(int(NOUN0 + numbers[j] * N_NOUNS + rng.integers(N_NOUNS)))
         tokens += [int(t) for t in FILLER0 + rng.integers(0, N_FILLERS, rng.integers(0, 3))]
         if masked:

@@ -420,9 +420,14 @@ def evaluate(model: nn.Module, n: int = 500, seed: int = 2024,
         from tqdm import tqdm
 
         items = tqdm(items, desc="methods")
+    from .results import evaluate as evaluate_rows
+
+    truth = list(box_mask(boxes, images.shape[-1]))
     table: dict[str, dict[str, float]] = {}
     for name, (method, gamma) in items:
-        rma = relevance_mass_accuracy(explain(model, images, labels, method, gamma), boxes)
+        maps = explain(model, images, labels, method, gamma)
+        scores = evaluate_rows({"relevance": list(maps)}, truth=truth)  # RMA of every image
+        rma = torch.tensor(scores.per_row["RMA"], dtype=torch.float64)
         table[name] = {"rma": rma.mean().item(), "sem": (rma.std() / n ** 0.5).item(),
                        "median": rma.median().item()}
     table["random"] = {"rma": RANDOM_BASELINE, "sem": 0.0, "median": RANDOM_BASELINE}
