@@ -33,7 +33,6 @@ Examples
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from ..composites import Composite
 from ..pipeline import Target, attribute, prepare, resolve_composite
 from .text import build_model as _build
+from .text import fit
 
 __all__ = ["VOCAB", "PAD", "CLS", "SEP", "MASK", "MARK", "DECOY", "VERBS", "NOUN0", "FILLER0",
            "N_NOUNS", "N_FILLERS", "MAX_LENGTH", "STOP_ACCURACY", "METHODS", "Sample",
@@ -261,29 +261,9 @@ def train(family: str, steps: int, seed: int, val: Sequence[Sample], min_steps: 
     model = build_model(family, seed).train()
     masked = family == "bert"
     rng = np.random.default_rng(seed + 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
-    start, history, step = time.perf_counter(), [], 0
-    for step in range(1, steps + 1):
-        samples = make_samples(batch, masked, held_out=False, seed=int(rng.integers(2 ** 31)))
-        ids, mask, pos, label, _ = collate(samples)
-        loss = nn.functional.cross_entropy(
-            verb_logits(model(input_ids=ids, attention_mask=mask).logits, pos), label)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % check_every == 0 or step == steps:
-            model.eval()
-            acc = accuracy(model, val)
-            model.train()
-            history.append((step, round(loss.item(), 4), acc))
-            if acc >= STOP_ACCURACY and step >= min_steps:
-                break
-    info = dict(steps=step, seconds=round(time.perf_counter() - start, 1),
-                val_accuracy=history[-1][2] if history else float("nan"), history=history,
-                parameters=sum(p.numel() for p in model.parameters()))
-    return model.eval(), info
+    return fit(model, lambda: collate(make_samples(batch, masked, held_out=False,
+                                                   seed=int(rng.integers(2 ** 31)))),
+               verb_logits, lambda m: accuracy(m, val), steps, min_steps, check_every, lr)
 
 
 def contrast(logits: Tensor, positions: Tensor, predicted: Tensor) -> Tensor:

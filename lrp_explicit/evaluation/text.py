@@ -43,7 +43,7 @@ from ..pipeline import Target, attribute, prepare, resolve_composite
 
 __all__ = ["FAMILIES", "VOCAB", "VERBS", "PAD", "CLS", "SEP", "MASK", "NOUN0", "FILLER0",
            "N_NOUNS", "N_FILLERS", "STOP_ACCURACY", "GRADIENT_METHODS", "Sample", "make_samples",
-           "collate", "build_model", "verb_logits", "accuracy", "train", "contrast",
+           "collate", "build_model", "verb_logits", "accuracy", "train", "fit", "contrast",
            "explain_batch", "scored_tokens"]
 
 #: Model families of the task: tiny LLaMA and GPT-2 (causal LMs) and BERT (masked LM).
@@ -273,20 +273,58 @@ def train(family: str, steps: int, seed: int, val: Sequence[Sample], min_steps: 
     model = build_model(family, seed).train()
     pool = make_samples(40 * batch + 8000, family == "bert", attractors=False, seed=seed + 1)
     rng = np.random.default_rng(seed + 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    return fit(model, lambda: collate([pool[i] for i in rng.integers(len(pool), size=batch)]),
+               verb_logits, lambda m: accuracy(m, val), steps, min_steps, check_every)
+
+
+def fit(model: nn.Module, draw: Callable[[], Sequence[Tensor]],
+        head: Callable[[Tensor, Tensor], Tensor], check: Callable[[nn.Module], float],
+        steps: int, min_steps: int = 0, check_every: int = 100, lr: float = 3e-3
+        ) -> tuple[nn.Module, dict[str, Any]]:
+    """The training loop of the synthetic text tasks (seeded by the caller's ``draw``).
+
+    Cross-entropy of ``head(logits, positions)`` against the labels, AdamW with a 100-step
+    linear warm-up; stops when ``check(model)`` reaches :data:`STOP_ACCURACY` (after
+    ``min_steps`` at least) or after ``steps``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, trained in place.
+    draw : callable
+        Returns the next batch ``(ids, attention_mask, positions, labels, …)``.
+    head : callable
+        ``head(logits, positions)``: the logits of the classes at each position.
+    check : callable
+        The validation accuracy of a model in eval mode.
+    steps, min_steps, check_every : int
+        Most steps, fewest steps before stopping early, steps between checks.
+    lr : float
+        Learning rate after the warm-up.
+
+    Returns
+    -------
+    model : nn.Module
+        The trained model in eval mode.
+    info : dict
+        ``steps``, ``seconds``, ``val_accuracy``, ``history`` (``(step, loss, accuracy)``) and
+        ``parameters``.
+    """
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     start, history, step = time.perf_counter(), [], 0
     for step in range(1, steps + 1):
-        ids, mask, pos, label, _ = collate([pool[i] for i in rng.integers(len(pool), size=batch)])
+        ids, mask, pos, label = draw()[:4]
         loss = nn.functional.cross_entropy(
-            verb_logits(model(input_ids=ids, attention_mask=mask).logits, pos), label)
+            head(model(input_ids=ids, attention_mask=mask).logits, pos), label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % check_every == 0 or step == steps:
             model.eval()
-            acc = accuracy(model, val)
+            acc = check(model)
             model.train()
             history.append((step, round(loss.item(), 4), acc))
             if acc >= STOP_ACCURACY and step >= min_steps:
