@@ -350,7 +350,8 @@ def _post_hook(module, args, output):
         _pop()
         if frame.rule_factory is not None and output is not None:
             composite = frames[-1].composite if frames else None
-            rule = composite.make_rule(frame.rule_factory, module) if composite else frame.rule_factory(module)
+            rule = composite.make_rule(frame.rule_factory, module) if composite \
+                else frame.rule_factory(module)
             return rule.forward(*args)
 
 

@@ -5,8 +5,8 @@ layer can import them.
 """
 from __future__ import annotations
 
-__all__ = ["CompositeError", "UnknownCompositeError", "UnknownModelError", "UnruledOpError", "UnruledOpWarning",
-           "RenderError", "InputError"]
+__all__ = ["CompositeError", "UnknownCompositeError", "UnknownModelError", "UnruledOpError",
+           "UnruledOpWarning", "RenderError", "InputError"]
 
 
 class CompositeError(RuntimeError):

@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 #: ``__all__`` of every module of lrp_explicit 0.1.0 (read from its source).
-PUBLIC_0_1 = {'lrp_explicit': ['ABSORBERS', 'AuditReport', 'CheckResult', 'Composite', 'CompositeError',
+PUBLIC_0_1 = {'lrp_explicit': ['ABSORBERS', 'AuditReport', 'CheckResult', 'Composite',
+                  'CompositeError',
                   'Explanation', 'UnruledOpError', 'UnruledOpWarning', '__version__', 'audit',
                   'check', 'composites', 'explain', 'functional', 'ops', 'rules', 'testing',
                   'zero_bias'],

