@@ -452,3 +452,52 @@ def test_a_composite_registered_by_hand_runs_a_compiled_module_eagerly(llama):
     assert model._compiled_call_impl is compiled
     want = lrp_explicit.explain(llama, IDS, target=TARGET).relevance
     torch.testing.assert_close(leaf.grad.sum(-1)[0], want, rtol=0, atol=1e-12)
+
+
+def _stance() -> str:
+    import torch._dynamo.eval_frame as frames
+    return frames._stance.stance
+
+
+def test_concurrent_passes_over_compiled_models_leave_the_compiler_stance_alone(llama):
+    import threading
+    models = [torch.compile(copy.deepcopy(llama)) for _ in range(2)]
+    want = lrp_explicit.explain(llama, IDS, target=TARGET).relevance
+    seen, errors = [], []
+    start = threading.Barrier(2)
+
+    def run(model):
+        try:
+            start.wait()
+            for _ in range(3):
+                seen.append(lrp_explicit.explain(model, IDS, target=TARGET).relevance)
+        except BaseException as err:  # noqa: B902 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(seen) == 6 and all(torch.equal(r, want) for r in seen)
+    assert _stance() == "default"
+    # a plain model's pass does not touch the stance at all
+    with torch.compiler.set_stance("eager_on_recompile"):
+        lrp_explicit.explain(llama, IDS, target=TARGET)
+        assert _stance() == "eager_on_recompile"
+
+
+def test_interleaved_passes_restore_the_stance_when_the_last_one_ends(llama):
+    # thread A starts, thread B starts, A ends, B ends: nested set_stance contexts would leave
+    # force_eager set after B (it restores what it saw when it started)
+    from lrp_explicit.pipeline import core
+    compiled = torch.compile(copy.deepcopy(llama))
+    a, b = core._eager_if_compiled(compiled), core._eager_if_compiled(compiled)
+    a.__enter__()
+    b.__enter__()
+    assert _stance() == "force_eager"
+    a.__exit__(None, None, None)
+    assert _stance() == "force_eager"  # B still runs
+    b.__exit__(None, None, None)
+    assert _stance() == "default"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, Union
@@ -299,7 +300,7 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
         for watcher in watchers:
             watcher.install(model)
             installed.append(watcher)
-        with grad_enabled(), torch.compiler.set_stance("force_eager"):
+        with grad_enabled(), _eager_if_compiled(model):
             runner = _uncompiled(model)
             outputs = [item.run(runner) for item in items]
             output = outputs[0] if isinstance(inputs, Prepared) else outputs
@@ -341,6 +342,40 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
     relevances = [{k: (sum(v[1:], v[0]) if v else None) for k, v in box.items()} for box in grads]
     unruled = Counter(composite.unruled) - before if composite is not None else Counter()
     return Attribution(relevances, latent, output, explained, composite, unruled)
+
+
+_stance_lock = threading.Lock()
+_stance: list[Any] = []  # the force_eager context while passes over compiled models run
+
+
+def _compiled(model: nn.Module) -> bool:
+    return any(type(m).__name__ == "OptimizedModule" or
+               m.__dict__.get("_compiled_call_impl") is not None for m in model.modules())
+
+
+@contextlib.contextmanager
+def _eager_if_compiled(model: nn.Module) -> Iterator[None]:
+    """The compiler's ``force_eager`` stance for a pass over a model with compiled parts.
+
+    The stance is global: it is set when the first such pass (of any thread) starts and reset
+    when the last one ends, so that concurrent passes never leave it set.
+    """
+    if not _compiled(model):
+        yield
+        return
+    with _stance_lock:
+        if not _stance:
+            context = torch.compiler.set_stance("force_eager")
+            context.__enter__()
+            _stance.append(context)
+        _stance.append(None)
+    try:
+        yield
+    finally:
+        with _stance_lock:
+            _stance.pop()
+            if len(_stance) == 1:
+                _stance.pop().__exit__(None, None, None)
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
