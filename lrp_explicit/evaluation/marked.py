@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from ..composites import Composite
 from ..pipeline import Target, attribute, prepare, resolve_composite
 from .text import build_model as _build
+from . import text as _text
 from .text import fit
 
 __all__ = ["VOCAB", "PAD", "CLS", "SEP", "MASK", "MARK", "DECOY", "VERBS", "NOUN0", "FILLER0",
@@ -212,15 +213,9 @@ def verb_logits(logits: Tensor, positions: Tensor) -> Tensor:
     return rows[:, VERBS.to(rows.device)]
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, samples: Sequence[Sample], batch: int = 500) -> float:
     """Fraction of ``samples`` whose verb number ``model`` predicts correctly."""
-    correct = 0
-    for start in range(0, len(samples), batch):
-        ids, mask, pos, label, _ = collate(samples[start:start + batch])
-        pred = verb_logits(model(input_ids=ids, attention_mask=mask).logits, pos).argmax(-1)
-        correct += int((pred == label).sum())
-    return correct / len(samples)
+    return _text.accuracy(model, samples, batch, collate_fn=collate, head=verb_logits)
 
 
 def train(family: str, steps: int, seed: int, val: Sequence[Sample], min_steps: int = 0,
@@ -268,9 +263,7 @@ def train(family: str, steps: int, seed: int, val: Sequence[Sample], min_steps: 
 
 def contrast(logits: Tensor, positions: Tensor, predicted: Tensor) -> Tensor:
     """``logit(predicted verb) − logit(other verb)`` per sample, ``(batch,)``."""
-    two = verb_logits(logits, positions)
-    rows = torch.arange(len(positions))
-    return two[rows, predicted] - two[rows, 1 - predicted]
+    return _text.contrast(logits, positions, predicted, head=verb_logits)
 
 
 def explain_batch(model: nn.Module, ids: Tensor, positions: Tensor, predicted: Tensor,

@@ -228,12 +228,19 @@ def verb_logits(logits: Tensor, positions: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, samples: Sequence[Sample], batch: int = 500) -> float:
-    """Fraction of ``samples`` whose verb number ``model`` predicts correctly."""
+def accuracy(model: nn.Module, samples: Sequence[Any], batch: int = 500,
+             collate_fn: Callable[[Sequence[Any]], Sequence[Tensor]] | None = None,
+             head: Callable[[Tensor, Tensor], Tensor] | None = None) -> float:
+    """Fraction of ``samples`` whose verb number ``model`` predicts correctly.
+
+    ``collate_fn`` and ``head`` (default: this task's :func:`collate` and
+    :func:`verb_logits`) let another task of the same shape reuse it.
+    """
+    collate_fn, head = collate_fn or collate, head or verb_logits
     correct = 0
     for start in range(0, len(samples), batch):
-        ids, mask, pos, label, _ = collate(samples[start:start + batch])
-        pred = verb_logits(model(input_ids=ids, attention_mask=mask).logits, pos).argmax(-1)
+        ids, mask, pos, label = collate_fn(samples[start:start + batch])[:4]
+        pred = head(model(input_ids=ids, attention_mask=mask).logits, pos).argmax(-1)
         correct += int((pred == label).sum())
     return correct / len(samples)
 
@@ -335,7 +342,8 @@ def fit(model: nn.Module, draw: Callable[[], Sequence[Tensor]],
     return model.eval(), info
 
 
-def contrast(logits: Tensor, positions: Tensor, predicted: Tensor) -> Tensor:
+def contrast(logits: Tensor, positions: Tensor, predicted: Tensor,
+             head: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """``logit(predicted verb) − logit(other verb)`` per sample, ``(batch,)``.
 
     Parameters
@@ -346,8 +354,10 @@ def contrast(logits: Tensor, positions: Tensor, predicted: Tensor) -> Tensor:
         ``(batch,)`` prediction positions.
     predicted : Tensor
         ``(batch,)`` the explained verb form (0 ``is``, 1 ``are``) of each sample.
+    head : callable, optional
+        The two verb logits at each position (default :func:`verb_logits`).
     """
-    two = verb_logits(logits, positions)
+    two = (head or verb_logits)(logits, positions)
     rows = torch.arange(len(positions))
     return two[rows, predicted] - two[rows, 1 - predicted]
 
