@@ -12,6 +12,7 @@ import transformers as tf
 from torch import nn
 
 import lrp_explicit
+from strict import relative_error, strict_relevance
 from lrp_explicit import composites
 from lrp_explicit.explain.multimodal import ImageTextExplanation
 from gxi import reference_relevances
@@ -92,18 +93,7 @@ def similarity(output):
 
 
 def explain(model, leaves, variant, run, select=similarity, **options):
-    comp = composites.get(variant, model, strict=True, **options)
-    with comp.context(model):
-        xs = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-        output = run(model, xs)
-        y = select(output)
-        y.backward(y.detach())
-    assert not comp.unruled
-    return {k: x.grad for k, x in xs.items()}, output
-
-
-def relative_error(got, ref) -> float:
-    return float((got - ref).abs().max() / ref.abs().max())
+    return strict_relevance(model, leaves, variant, select, run=run, **options)
 
 
 def case(model, lengths=(6, 4)):

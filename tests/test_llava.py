@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 
 import lrp_explicit
+from strict import relative_error, strict_relevance
 from lrp_explicit import composites
 from lrp_explicit.explain.multimodal import ImageTextExplanation
 from gxi import reference_relevances
@@ -60,18 +61,8 @@ def last_logit(output):
 
 
 def explain(model, leaves, variant, select=last_logit, **kwargs):
-    comp = composites.get(variant, model, strict=True)
-    with comp.context(model):
-        xs = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-        output = model(**xs, use_cache=False, **kwargs)
-        y = select(output)
-        y.backward(y.detach())
-    assert not comp.unruled
-    return {k: x.grad for k, x in xs.items()}, output
-
-
-def relative_error(got, ref) -> float:
-    return float((got - ref).abs().max() / ref.abs().max())
+    return strict_relevance(model, leaves, variant, select,
+                            run=lambda m, xs: m(**xs, use_cache=False, **kwargs))
 
 
 CASES = [("llama", "eager"), ("llama", "sdpa"), ("mistral", "sdpa"), ("qwen2", "sdpa")]

@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 import lrp_explicit
+from strict import relative_error, strict_relevance
 from lrp_explicit import composites, rules
 from gxi import reference_relevances
 
@@ -42,20 +43,10 @@ def embeds(model, x: torch.Tensor) -> torch.Tensor:
     return model.get_input_embeddings()(x).detach()
 
 
-def relative_error(got, ref) -> float:
-    return float((got - ref).abs().max() / ref.abs().max())
-
-
 def explain(model, leaves: dict, variant: str, select, **kwargs):
     """Relevance of every leaf for ``select(output)`` (initialised with its value), strict."""
-    comp = composites.get(variant, model, strict=True)
-    with comp.context(model):
-        xs = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-        output = model(**xs, use_cache=False, **kwargs)
-        y = select(output)
-        y.backward(y.detach())
-    assert not comp.unruled
-    return {k: x.grad for k, x in xs.items()}, output
+    return strict_relevance(model, leaves, variant, select,
+                            run=lambda m, xs: m(**xs, use_cache=False, **kwargs))
 
 
 def last_logit(output):
