@@ -921,12 +921,18 @@ def top_units(units: Mapping[str, Tensor], pattern: str = "*", k: int = 10,
         shown = ", ".join(list(units)[:6]) + (" …" if len(units) > 6 else "")
         raise ValueError(f"{pattern!r} matches no unit layer; layers: {shown or 'none'}")
     values = torch.cat([units[n].detach().double().reshape(-1).cpu() for n in names])
-    owners = [(n, i) for n in names for i in range(units[n].numel())]
+    # the layer of flat index j: the first layer whose running end lies past j
+    ends = torch.tensor([units[n].numel() for n in names]).cumsum(0)
     key = values.abs() if absolute else (values if largest else -values)
     order = torch.argsort(key, descending=True, stable=True)[:k]
+    layers = torch.searchsorted(ends, order, right=True)
     kinds = kinds or {}
-    return [Unit(owners[j][0], kinds.get(owners[j][0], "neuron"), owners[j][1],
-                 float(values[j])) for j in order.tolist()]
+    out = []
+    for j, layer in zip(order.tolist(), layers.tolist()):
+        start = int(ends[layer - 1]) if layer else 0
+        out.append(Unit(names[layer], kinds.get(names[layer], "neuron"), j - start,
+                        float(values[j])))
+    return out
 
 
 # ============================================================================ interventions

@@ -143,6 +143,9 @@ def test_units_of_a_result_are_the_relevance_per_unit(llama, ids, tmp_path):
     values = torch.cat([e.units["model.layers.0.mlp.act_fn"], e.units[f"{layer}.mlp.act_fn"]])
     assert [u.relevance for u in top] == sorted(values.tolist(), reverse=True)[:5]
     assert all(u.kind == "neuron" for u in top)
+    assert all(float(e.units[u.layer][u.index]) == u.relevance for u in top)  # where it is
+    assert {u.layer for u in e.top_units("*mlp.act_fn", 96)} == {
+        "model.layers.0.mlp.act_fn", f"{layer}.mlp.act_fn"}
     assert top[0].spec == {top[0].layer: [top[0].index]}
     e.save(tmp_path / "e.lrp")
     again = lrp_explicit.load(tmp_path / "e.lrp")
