@@ -233,17 +233,15 @@ def test_register_twice_raises_and_overwrite_replaces():
         composites.unregister("mine", "test-family")
 
 
-def test_unknown_hugging_face_model_gets_a_helpful_error():
+def test_unknown_hugging_face_model_takes_the_automatic_composite():
     from transformers import GPTNeoXConfig, GPTNeoXModel
 
     config = GPTNeoXConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, vocab_size=50)
     model = GPTNeoXModel(config)
-    with pytest.raises(composites.UnknownModelError) as info:
-        composites.get("attnlrp", model)
-    message = str(info.value)
-    assert "gpt_neox" in message and "family='generic'" in message
-    assert "composites.register" in message
+    with pytest.warns(composites.auto.AutoCompositeWarning, match="'gpt_neox'"):
+        comp = composites.get("attnlrp", model)
+    assert comp.name == "attnlrp (auto)" and comp.strict
     assert composites.get("attnlrp", model, family="generic").name == "attnlrp"
 
 

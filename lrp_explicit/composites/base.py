@@ -54,6 +54,10 @@ class Composite:
         it hooks is left to it (no rule of ours, no op dispatch inside); our rules handle the
         rest (attention, norms, activations, residuals, functional ops). :meth:`remove`
         removes it too. Both work in relevance space, so their relevances compose.
+    detect : callable, optional
+        ``detect(name, module)`` returns a rule factory for a module no entry of ``modules``
+        matches, or ``None`` (e.g. :class:`~lrp_explicit.composites.auto.Detector`, which finds
+        norms and activations from the module itself).
 
     Examples
     --------
@@ -74,8 +78,10 @@ class Composite:
         name: str | None = None,
         validate: Callable[[nn.Module], None] | None = None,
         zennit: Any = None,
+        detect: Callable[[str, nn.Module], RuleFactory | None] | None = None,
     ) -> None:
         self.module_rules = dict(modules)
+        self.detect = detect
         for key, factory in self.module_rules.items():
             if not isinstance(key, (type, str)) or not callable(factory):
                 raise TypeError(f"module rules map a class or a name pattern to a rule factory; "
@@ -121,6 +127,8 @@ class Composite:
             factory = self.module_rules.get(cls)
             if factory is not None:
                 return factory
+        if self.detect is not None:
+            return self.detect(name, module)
         return None
 
     def make_rule(self, factory: RuleFactory, module: nn.Module) -> nn.Module:

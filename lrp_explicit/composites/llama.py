@@ -1,8 +1,8 @@
-"""LLaMA 2/3: RMSNorm with constant std; attention, rotary embeddings, residuals and the
-SiLU gate product go through the shared op table."""
+"""LLaMA 2/3: attention, rotary embeddings, residuals and the SiLU gate product go through the
+shared op table; ``LlamaRMSNorm`` is found to be a norm (constant std) from the module itself.
+Nothing here is specific to LLaMA beyond its model type."""
 from __future__ import annotations
 
-from .hf import norm_rules, register_family
+from .hf import register_family
 
-register_family("llama", ["llama"],
-                norm_rules("transformers.models.llama.modeling_llama", "LlamaRMSNorm"))
+register_family("llama", ["llama"])

@@ -14,22 +14,12 @@ the expert output); the per-token sum of the experts is an ε-sum. The experts i
 - ``"batched_mm"``: ``torch.bmm`` with gathered weights (ε-rule), summed over the top-k (ε-sum).
 
 ``"deepgemm"`` and ``"sonicmoe"`` (CUDA kernels from the hub) compute the experts in foreign
-kernels the rules cannot see: they are not supported.
+kernels the rules cannot see: they are refused at registration, for every Hugging Face model
+(:func:`~lrp_explicit.composites.hf.check_experts_implementation`). ``MixtralRMSNorm`` is found
+to be a norm from the module itself; nothing here is specific to Mixtral beyond its model type.
 """
 from __future__ import annotations
 
-from .. import rules
-from ..ops import name_transformers_ops
-from .hf import check_experts_implementation, register_family
+from .hf import register_family
 
-
-def module_rules() -> dict[type, type]:
-    """The family's own module rules."""
-    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
-
-    name_transformers_ops()  # the modeling file imported transformers' MoE integration
-    return {MixtralRMSNorm: rules.NormRule}
-
-
-
-register_family("mixtral", ["mixtral"], module_rules, validate=check_experts_implementation)
+register_family("mixtral", ["mixtral"])

@@ -1,7 +1,7 @@
-"""Qwen3: as LLaMA, with RMSNorm also on the queries and keys of every head."""
+"""Qwen3: as LLaMA, with RMSNorm also on the queries and keys of every head (found from the
+module, as every norm is)."""
 from __future__ import annotations
 
-from .hf import norm_rules, register_family
+from .hf import register_family
 
-register_family("qwen3", ["qwen3"],
-                norm_rules("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"))
+register_family("qwen3", ["qwen3"])

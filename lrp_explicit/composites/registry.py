@@ -16,10 +16,14 @@ from ..errors import UnknownModelError
 from .base import Composite
 from .wrappers import hf_models, model_type as _own_model_type, unwrap
 
-__all__ = ["GENERIC", "normalise_name", "register", "unregister", "available", "family_of", "get"]
+__all__ = ["GENERIC", "AUTO", "normalise_name", "register", "unregister", "available", "family_of",
+           "get"]
 
 #: The family of plain PyTorch models (and the fallback one can force with ``family=``).
 GENERIC = "generic"
+#: The automatic composite's family: the rules found from the model itself
+#: (:mod:`~lrp_explicit.composites.auto`); the default for model types no family claims.
+AUTO = "auto"
 
 
 @dataclass
@@ -95,7 +99,8 @@ def available() -> dict[str, list[str]]:
 
 def family_of(model: nn.Module) -> str:
     """The family of ``model``: by ``config.model_type``, then by module classes; a model
-    without a Hugging Face config is ``"generic"``.
+    without a Hugging Face config is ``"generic"``, a Hugging Face model of a type no family
+    claims ``"auto"`` (the automatic composite, :mod:`~lrp_explicit.composites.auto`).
 
     Wrappers are looked through: ``DataParallel``, ``DistributedDataParallel``, compiled
     modules and PEFT models take the family of the model they run, and any other module that
@@ -104,8 +109,8 @@ def family_of(model: nn.Module) -> str:
     Raises
     ------
     UnknownModelError
-        For a Hugging Face model whose type no family claims, and for a wrapper holding Hugging
-        Face models of several families (the message names them; pass ``family=``).
+        For a wrapper holding Hugging Face models of several families (the message names them;
+        pass ``family=``).
     """
     what = type(model).__name__
     inner = unwrap(model)
@@ -130,15 +135,7 @@ def family_of(model: nn.Module) -> str:
     for name, fam in _families.items():
         if fam.model_classes and any(_is_a(c, fam.model_classes) for c in classes):
             return name
-    if model_type is None:
-        return GENERIC
-    families = ", ".join(sorted(f for f in _families if f != GENERIC)) or "none yet"
-    raise UnknownModelError(
-        f"no composite family is registered for model type {model_type!r} "
-        f"({what}); registered families: {families}. "
-        f"Try the generic composites with get(name, model, family='generic'), or register "
-        "your own with lrp_explicit.composites.register(name, factory, family=..., "
-        f"model_types=[{model_type!r}]).")
+    return GENERIC if model_type is None else AUTO
 
 
 def _is_a(cls: type, model_classes: tuple[type | str, ...]) -> bool:
@@ -168,10 +165,18 @@ def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
     KeyError
         If no composite of that name exists for the family.
     UnknownModelError
-        If ``model`` belongs to no registered family.
+        If ``model`` is a wrapper of Hugging Face models of several families.
+
+    Warns
+    -----
+    AutoCompositeWarning
+        One line, when ``model`` is a Hugging Face model of a type no family claims and the
+        automatic composite (``family="auto"``) explains it.
     """
     if family is None:
         family = GENERIC if model is None else family_of(model)
+        if family == AUTO:
+            _warn_fallback(model)
     fam = _families.get(family)
     if fam is None:
         raise KeyError(f"no composite family {family!r}; available: {available()}")
@@ -181,3 +186,14 @@ def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
         raise KeyError(f"no composite {name!r} for family {family!r}; "
                        f"available for it: {sorted(fam.factories)}")
     return factory(**options)
+
+
+def _warn_fallback(model: nn.Module) -> None:
+    from .auto import warn_fallback
+
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    if config is None:
+        found = hf_models(inner)
+        inner, config = (found[0][1], found[0][1].config) if found else (inner, None)
+    warn_fallback(getattr(config, "model_type", "?"), type(inner).__name__)

@@ -1,9 +1,10 @@
 """T5 and Flan-T5 encoder–decoders (``T5ForConditionalGeneration``, ``T5Model``,
 ``T5EncoderModel`` …).
 
-``T5LayerNorm`` scales without centring (an RMSNorm under a LayerNorm name): it takes the
-constant-std rule of an RMSNorm (``kind="rms"``, the identity), not the LayerNorm rule its name
-would suggest. The gated-GELU MLP (Flan-T5) or the ReLU MLP (T5) is an activation (identity)
+``T5LayerNorm`` scales without centring (an RMSNorm under a LayerNorm name): the automatic
+detection finds its output invariant to a scaling but not to a shift of its input, so it takes
+the constant-std rule of an RMSNorm (``kind="rms"``, the identity), not the LayerNorm rule its
+name would suggest. The gated-GELU MLP (Flan-T5) or the ReLU MLP (T5) is an activation (identity)
 and, for the gated form, a gate product (uniform; CP-LRP holds the gate constant). Self- and
 cross-attention (eager: ``q kᵀ``, softmax, ``A v``; sdpa: the fused rule) go through the shared
 op table, with the queries of the decoder and the keys and values of the encoder on the
@@ -15,17 +16,6 @@ relevance flows into it.
 """
 from __future__ import annotations
 
-from functools import partial
-
-from .. import rules
 from .hf import register_family
 
-
-def module_rules() -> dict[type, object]:
-    """The family's own module rules: ``T5LayerNorm`` as an RMSNorm."""
-    from transformers.models.t5.modeling_t5 import T5LayerNorm
-
-    return {T5LayerNorm: partial(rules.NormRule, kind="rms")}
-
-
-register_family("t5", ["t5"], module_rules)
+register_family("t5", ["t5"])

@@ -22,7 +22,8 @@ ModuleRules = Mapping[Any, Callable[[nn.Module], nn.Module]]
 
 def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRules],
             ops: Callable[[bool], Mapping[str, Any]] | None = None,
-            validate: Callable[[nn.Module], None] | None = None) -> Callable[..., Composite]:
+            validate: Callable[[nn.Module], None] | None = None,
+            detect: bool = True) -> Callable[..., Composite]:
     """A composite factory for AttnLRP (``cp_lrp=False``) or CP-LRP of ``family``.
 
     Parameters
@@ -37,6 +38,10 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
         ``ops(cp_lrp)`` returns op-table entries merged over the variant's table.
     validate : callable, optional
         Called with the model at registration (see :class:`~lrp_explicit.Composite`).
+    detect : bool
+        Find the rules of modules the table does not name from the modules themselves (norms,
+        activations: :class:`~lrp_explicit.composites.auto.Detector`), a fresh detector per
+        composite.
 
     Returns
     -------
@@ -57,6 +62,10 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
         table.update(options.pop("ops", None) or {})  # the user's entries come last
         if validate is not None:
             options.setdefault("validate", validate)
+        if detect:
+            from .auto import Detector
+
+            options.setdefault("detect", Detector(cp_lrp))
         return Composite(dict(module_rules(cp_lrp)), ops=table, name=name, **options)
 
     label = "CP-LRP (attention weights and gates held constant)" if cp_lrp else "AttnLRP"
@@ -68,11 +77,12 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
 def register_variants(family: str, module_rules: Callable[[bool], ModuleRules], *,
                       model_types: Iterable[str] = (), model_classes: Iterable[type | str] = (),
                       ops: Callable[[bool], Mapping[str, Any]] | None = None,
-                      validate: Callable[[nn.Module], None] | None = None) -> None:
+                      validate: Callable[[nn.Module], None] | None = None,
+                      detect: bool = True) -> None:
     """Register ``"attnlrp"`` and ``"cp-lrp"`` for ``family`` (arguments as for
     :func:`variant` and :func:`lrp_explicit.composites.register`)."""
     model_types, model_classes = tuple(model_types), tuple(model_classes)
     for cp_lrp in (False, True):
         register("cp-lrp" if cp_lrp else "attnlrp",
-                 variant(family, cp_lrp, module_rules, ops, validate), family=family,
+                 variant(family, cp_lrp, module_rules, ops, validate, detect), family=family,
                  model_types=model_types, model_classes=model_classes)
