@@ -37,9 +37,11 @@ Every explanation is a call of :func:`lrp_explicit.explain` on one batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -57,7 +59,8 @@ from .pipeline import progress as show_progress
 from .pipeline import resolve_composite, task_of
 
 __all__ = ["explain_dataset", "load_run", "read_data", "run_metadata", "RowError", "META",
-           "FORMATS", "process_state", "process_gpus", "add_arguments", "run_command"]
+           "FORMATS", "RESERVED", "fingerprint", "process_state", "process_gpus",
+           "add_arguments", "run_command"]
 
 #: File name of a run folder's metadata.
 META = "lrp_run.json"
@@ -66,10 +69,19 @@ FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
 _SHARD = re.compile(r"^rows-(\d{9})-(\d{9})\.parquet$")
 _TEMPORARY = ".tmp-"
+#: The lock file of a run folder: held (``flock``) by the run writing into it.
+LOCK = ".lrp_run.lock"
 #: Metadata entries that must agree between a run folder and a rerun into it.
-_SETTINGS = ("model", "task", "composite", "epsilon", "text_field", "target_field",
-             "contrast", "continuation", "generate", "generation_kwargs", "position",
-             "id_field", "keep")
+_SETTINGS = ("model", "model_class", "task", "dtype", "composite", "epsilon", "text_field",
+             "target_field", "contrast", "continuation", "generate", "generation_kwargs",
+             "position", "id_field", "keep")
+#: The columns a run computes; a data field of the same name given in ``keep`` is stored as
+#: ``data.<name>`` (never over a computed column).
+RESERVED = frozenset({"id", "row", "tokens", "ids", "relevance", "words", "word_relevance",
+                      "special", "target", "label", "score", "prediction", "contrast",
+                      "position", "prompt_length", "probabilities"})
+#: The hidden column of the shards: a hash of the data each row was explained from.
+_INPUT = "_input_sha256"
 
 
 class RowError(ValueError):
@@ -286,10 +298,15 @@ def _read_shard(path: Path, columns: list[str] | None = None) -> Any:
                          "away to explain its rows again") from err
 
 
-def _finished(folder: Path) -> set[Any]:
-    done: set[Any] = set()
+def _finished(folder: Path) -> dict[Any, str | None]:
+    """The ids of the rows written so far, each with the hash of its data."""
+    done: dict[Any, str | None] = {}
     for path in _shards(folder):
-        done.update(_read_shard(path, ["id"]).column("id").to_pylist())
+        table = _read_shard(path)
+        ids = table.column("id").to_pylist()
+        hashes = table.column(_INPUT).to_pylist() if _INPUT in table.column_names \
+            else [None] * len(ids)
+        done.update(zip(ids, hashes))
     return done
 
 
@@ -317,7 +334,15 @@ def run_metadata(source: str | os.PathLike | Any) -> dict[str, Any]:
         path = Path(source).expanduser() / META
         if not path.is_file():
             raise ValueError(f"{Path(source)} is not a run folder of explain_dataset (no {META})")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not readable JSON ({' '.join(str(err).split())}); the "
+                             "run's metadata is damaged (force_new=True / --force-new starts "
+                             "afresh)") from err
+        if not isinstance(meta, dict) or meta.get("kind") != "dataset":
+            raise ValueError(f"{path} is not the metadata of an explain_dataset run")
+        return meta
     info = getattr(source, "info", None)
     text = getattr(info, "description", None) or ""
     try:
@@ -330,15 +355,207 @@ def run_metadata(source: str | os.PathLike | Any) -> dict[str, Any]:
 
 
 def _check_settings(folder: Path, meta: dict[str, Any]) -> None:
-    path = folder / META
-    if not path.is_file():
+    """Refuse to resume a run whose settings or fingerprint (model weights and config,
+    adapters, tokenizer, generation settings) differ, naming what changed."""
+    if not (folder / META).is_file():
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
+    old = run_metadata(folder)
+    if "fingerprint" not in old:
+        raise ValueError(f"{folder} holds a run written by lrp_explicit {old.get('version')} "
+                         "without a fingerprint of its model and data, so a resumed run "
+                         "cannot be checked against it; start afresh with force_new=True "
+                         "(--force-new) or use another folder")
     changed = [f"{k}: {old.get(k)!r} → {meta.get(k)!r}" for k in _SETTINGS
                if old.get(k) != meta.get(k)]
+    then, now = old.get("fingerprint") or {}, meta["fingerprint"]
+    changed += [f"{k} changed ({str(then.get(k))[:12]} → {str(now.get(k))[:12]})"
+                for k in now if then.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"{folder} holds a run with other settings ({'; '.join(changed)}); "
-                         "rerun with the same settings to resume it, or use another folder")
+                         "rerun with the same model, data and settings to resume it, start "
+                         "afresh with force_new=True (--force-new), or use another folder")
+
+
+def _check_inputs(folder: Path, done: dict[Any, str | None], ids: list[Any],
+                  hashes: list[str]) -> None:
+    """Refuse to resume when a finished row's data (text, target, kept fields) differs from
+    the data given now: the old rows would keep the old texts."""
+    position = {value: row for row, value in enumerate(ids)}
+    for value, old in done.items():
+        row = position.get(value)
+        if row is None:
+            raise ValueError(f"{folder} holds rows of ids the data lacks (id {value!r}); the "
+                             "data changed: start afresh with force_new=True (--force-new) or "
+                             "use another folder")
+        if old != hashes[row]:
+            name = f"row {row}" if value == row else f"row {row} (id {value!r})"
+            raise ValueError(f"{folder}: the data of {name} differs from the data it was "
+                             "explained from (its text, target or kept fields changed); start "
+                             "afresh with force_new=True (--force-new) or use another folder")
+
+
+def _sha(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _weights_hash(model: nn.Module, samples: int = 256) -> str:
+    """Every parameter's name, shape and dtype, and ``samples`` of its values spread evenly
+    over it (a cheap fingerprint: two trainings of one architecture differ in it)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters(remove_duplicate=False):
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            if param.is_meta or param.numel() == 0:
+                continue
+            flat = param.detach().reshape(-1)
+            index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), samples),
+                                   device=flat.device).long()
+            digest.update(flat[index].to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _config_hash(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        data = {k: v for k, v in to_dict().items()
+                if k not in ("_name_or_path", "transformers_version", "_commit_hash")}
+        return _sha(type(model).__qualname__, json.dumps(jsonable(data), sort_keys=True))
+    return _sha(type(model).__qualname__, repr(model))
+
+
+def _adapters_hash(model: nn.Module) -> str:
+    peft = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapters", None)
+    if callable(active):
+        try:
+            active = active()
+        except (ValueError, RuntimeError):
+            active = None
+    return _sha(json.dumps(jsonable({k: getattr(v, "to_dict", lambda v=v: repr(v))()
+                                     for k, v in (peft or {}).items()}), sort_keys=True),
+                jsonable(active))
+
+
+def _tokenizer_hash(tokenizer: Any) -> str | None:
+    if tokenizer is None:
+        return None
+    vocab = getattr(tokenizer, "get_vocab", None)
+    items = sorted(vocab().items()) if callable(vocab) else []
+    special = getattr(tokenizer, "special_tokens_map", None)
+    return _sha(type(tokenizer).__qualname__, json.dumps(items, ensure_ascii=False),
+                json.dumps(jsonable(special), sort_keys=True),
+                getattr(tokenizer, "padding_side", None))
+
+
+def fingerprint(model: nn.Module, tokenizer: Any = None,
+                generate: int | None = None) -> dict[str, str | None]:
+    """The identity of a model for a dataset run: hashes of its config, its weights (names,
+    shapes and sampled values of every parameter), its adapters, the tokenizer's vocabulary
+    and special tokens, and (with ``generate``) the model's generation config.
+
+    Returns
+    -------
+    dict of str to str
+        ``{"model config", "model weights", "adapters", "tokenizer", "generation config"}``.
+    """
+    generation = getattr(model, "generation_config", None) if generate is not None else None
+    diff = getattr(generation, "to_diff_dict", None)
+    return {"model config": _config_hash(model), "model weights": _weights_hash(model),
+            "adapters": _adapters_hash(model), "tokenizer": _tokenizer_hash(tokenizer),
+            "generation config": None if not callable(diff) else _sha(json.dumps(jsonable(
+                {k: v for k, v in diff().items() if k != "transformers_version"}),
+                sort_keys=True))}
+
+
+def _input_hashes(texts: list[Any], targets: list[Any], kept: dict[str, list[Any]]
+                  ) -> list[str]:
+    """A hash per row of the data it is explained from (text, target, kept fields)."""
+    names = sorted(kept)
+    return [_sha(json.dumps(jsonable([texts[r], targets[r], *[kept[k][r] for k in names]]),
+                            ensure_ascii=False, sort_keys=True))
+            for r in range(len(texts))]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold the run folder's lock file for a run (an OS lock, released also when the process
+    is killed); another run into the folder is refused while it is held."""
+    try:
+        import fcntl
+    except ImportError:  # no flock: a lock file created exclusively, removed at the end
+        fcntl = None
+    path = folder / LOCK
+    owner = f"process {os.getpid()} on {socket.gethostname()}"
+    if fcntl is None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise ValueError(f"{folder} is in use by another run ({_lock_owner(path)}); wait "
+                             f"for it to end, or delete {path} if that run is gone") from None
+        os.write(fd, owner.encode())
+        os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"{folder} is in use by another run ({_lock_owner(path)}); wait "
+                             "for it to end or use another folder") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the file was removed by the run that held it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, owner.encode())
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)  # still holding the lock: no one else has it
+        finally:
+            os.close(fd)
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "unknown process"
+    except OSError:
+        return "unknown process"
+
+
+def _remove_run(folder: Path) -> None:
+    """Delete a run's own files (metadata, shards, temporary shards) for ``force_new``."""
+    for path in folder.iterdir():
+        if path.name == META or _SHARD.match(path.name) or path.name.startswith(_TEMPORARY):
+            path.unlink()
+
+
+def _stale(path: Path) -> bool:
+    """A temporary shard whose writer is gone (its process id is in the name)."""
+    pid = path.name[len(_TEMPORARY):].split("-", 1)[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return int(pid) == os.getpid()
 
 
 def load_run(folder: str | os.PathLike) -> Any:
@@ -370,6 +587,8 @@ def load_run(folder: str | os.PathLike) -> Any:
         if not tables:
             return datasets.Dataset.from_dict({"id": [], "row": []}, info=info)
         table = pa.concat_tables(tables, promote_options="permissive").sort_by("row")
+        if _INPUT in table.column_names:
+            table = table.drop_columns([_INPUT])
         return datasets.Dataset(table.replace_schema_metadata(None), info=info)
 
 
@@ -405,7 +624,7 @@ def _position(e: Any, task: str | None, position: int | None, tokenizer: Any) ->
 def _rows(results: list[Any], rows: list[int], ids: list[Any], data: Any,
           keep: dict[str, list[Any]],
           task: str | None, position: int | None, tokenizer: Any, generate: bool,
-          id_type: Any) -> Any:
+          id_type: Any, hashes: list[str] | None = None) -> Any:
     """One parquet table for the explained samples of a batch."""
     import pyarrow as pa
 
@@ -455,8 +674,15 @@ def _rows(results: list[Any], rows: list[int], ids: list[Any], data: Any,
                 special=pa.array([e.special for e in results], type=pa.list_(pa.bool_())))
     for name, values in keep.items():
         kind = data.data.schema.field(name).type
-        columns[name] = pa.array([values[r] for r in rows], type=kind)
+        columns[_kept_column(name)] = pa.array([values[r] for r in rows], type=kind)
+    if hashes is not None:
+        columns[_INPUT] = pa.array([hashes[r] for r in rows], type=pa.string())
     return pa.table(columns)
+
+
+def _kept_column(name: str) -> str:
+    """The column of a kept data field: its name, or ``data.<name>`` for a computed column's."""
+    return f"data.{name}" if name in RESERVED or name.startswith("_") else name
 
 
 # ============================================================================ the run
@@ -470,7 +696,8 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
                     position: int | None = None, continuation: bool = False,
                     generate: int | None = None,
                     generation_kwargs: Mapping[str, Any] | None = None,
-                    format: str | None = None, progress: bool | None = None) -> Any:
+                    format: str | None = None, progress: bool | None = None,
+                    force_new: bool = False) -> Any:
     """Explain every sample of a dataset and write the rows as parquet shards into ``output``.
 
     Each batch of ``batch_size`` samples is one call of :func:`lrp_explicit.explain` (one
@@ -507,7 +734,8 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
         A field with a unique id (int or str) per sample; default: the row number.
     keep : sequence of str
         Fields of the data copied into the rows (e.g. a ground truth for
-        :func:`lrp_explicit.evaluate`).
+        :func:`lrp_explicit.evaluate`). A field named like a computed column (``label``,
+        ``target``, ``score``, ``tokens`` …: :data:`RESERVED`) is stored as ``data.<name>``.
     position : int, optional
         Token position of a per-token output, as in :func:`lrp_explicit.explain`.
     continuation : bool
@@ -520,6 +748,9 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
         The format of a data file (default: from its suffix).
     progress : bool, optional
         Show a progress bar (default: on the main process).
+    force_new : bool
+        Delete a run already in ``output`` (its metadata and shards) and start afresh, instead
+        of resuming it.
 
     Returns
     -------
@@ -532,8 +763,16 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
         For a sample that cannot be explained (missing field, empty text, a target the model
         does not have …): one line naming its row and id. The shards written before stay.
     ValueError
-        For an unreadable data file, a missing field, duplicate ids, or a folder holding a run
-        with other settings.
+        For an unreadable data file, a missing field, duplicate ids, a folder holding a run
+        with other settings, another model (config, weights, adapters), another tokenizer or
+        generation config, or other data for rows it has finished (the message names what
+        changed), or a folder another run is writing into (its lock file is held).
+
+    Notes
+    -----
+    A run's identity is its settings and :func:`fingerprint` (in the metadata) and a hash of
+    each finished row's data (text, target and kept fields, in a hidden column of the shards).
+    Resuming with any of them changed is refused; new rows appended to the data are explained.
     """
     import pyarrow as pa
 
@@ -542,15 +781,20 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
     if generate is not None and (isinstance(generate, bool) or not isinstance(generate, int)
                                  or generate < 1):
         raise ValueError(f"generate must be a positive int, got {generate!r}")
+    limit = _max_positions(model)
+    if generate is not None and limit is not None and generate >= limit:
+        raise ValueError(f"generate={generate} does not fit the model's {limit} positions")
     keep = [keep] if isinstance(keep, str) else list(keep)
+    columns = [_kept_column(k) for k in keep]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"keep names a column twice ({', '.join(keep)}; fields named like a "
+                         "computed column are stored as data.<name>)")
     state = process_state()
     with state.main_process_first():
         table = read_data(data, format)
     where = str(data) if isinstance(data, (str, os.PathLike)) else "data"
     _check_fields(table, {"text_field": text_field, "target_field": target_field,
                           "id_field": id_field, **{f"keep {k!r}": k for k in keep}}, where)
-    if "id" in keep or "row" in keep:
-        raise ValueError("keep names a field that the rows have already (id, row)")
     ids = _ids(table, id_field)
     id_type = pa.string() if ids and isinstance(ids[0], str) else pa.int64()
     task = task_of(model)
@@ -564,22 +808,60 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
             "contrast": contrast, "continuation": continuation, "generate": generate,
             "generation_kwargs": dict(generation_kwargs) if generation_kwargs else None,
             "position": position, "id_field": id_field, "keep": keep,
-            "batch_size": batch_size, "data": where, "rows": len(table)}
+            "batch_size": batch_size, "data": where, "rows": len(table),
+            "data_fields": [f for f in (text_field, target_field, id_field, *keep)
+                            if f is not None],
+            "fingerprint": fingerprint(model, tokenizer, generate)}
+    if isinstance(data, (str, os.PathLike)):
+        stat = Path(data).expanduser().stat()
+        meta.update(data_size=stat.st_size, data_mtime_ns=stat.st_mtime_ns)
     meta = jsonable(meta)
     folder = Path(output).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; the output is a folder")
-    others = sorted(p.name for p in folder.iterdir() if p.name != META and not _SHARD.match(
-        p.name) and not p.name.startswith(_TEMPORARY)) if folder.is_dir() else []
+    others = sorted(p.name for p in folder.iterdir() if p.name not in (META, LOCK)
+                    and not _SHARD.match(p.name) and not p.name.startswith(_TEMPORARY)) \
+        if folder.is_dir() else []
     if others:
         raise ValueError(f"{folder} holds other files ({', '.join(others[:3])}); give a new or "
                          "empty folder, or a run folder to resume")
-    _check_settings(folder, meta)
-    done = _finished(folder)
     texts = list(table[text_field])
     targets = list(table[target_field]) if target_field is not None else [None] * len(table)
-    size = _outputs(model, task)
     kept = {name: list(table[name]) for name in keep}
+    hashes = _input_hashes(texts, targets, kept)
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder) if state.is_main_process else contextlib.nullcontext():
+        if force_new:
+            if state.is_main_process:
+                _remove_run(folder)
+            state.wait_for_everyone()
+        return _run(model, folder, meta, table, ids, id_type, texts, targets, kept, hashes,
+                    task, comp, contrast, state, progress, dict(
+                        tokenizer=tokenizer, position=position, continuation=continuation,
+                        generate=generate, generation_kwargs=generation_kwargs),
+                    text_field, target_field, batch_size)
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _run(model: nn.Module, folder: Path, meta: dict[str, Any], table: Any, ids: list[Any],
+         id_type: Any, texts: list[Any], targets: list[Any], kept: dict[str, list[Any]],
+         hashes: list[str], task: str | None, comp: Composite, contrast: Any, state: Any,
+         progress: bool | None, options: dict[str, Any], text_field: str,
+         target_field: str | None, batch_size: int) -> Any:
+    """The checks against the folder and the explanations, with the folder's lock held."""
+    _check_settings(folder, meta)
+    done = _finished(folder)
+    _check_inputs(folder, done, ids, hashes)
+    size = _outputs(model, task)
     pending = [r for r in range(len(table)) if ids[r] not in done]
     for r in pending:
         _check_row(r, ids[r], texts[r], targets[r], text_field, target_field, size)
@@ -587,12 +869,13 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
     for r in pending:
         batches.setdefault(r // batch_size, []).append(r)
     if state.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{_TEMPORARY}*"):
-            stale.unlink()  # left by a killed run; no process writes yet
+            if _stale(stale):
+                stale.unlink()  # left by a killed run; no process of this run writes yet
         _write_atomic(folder / META, lambda p: p.write_text(
             json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"))
     state.wait_for_everyone()  # every process has listed the same finished rows
+    position, tokenizer, generate = options["position"], options["tokenizer"], options["generate"]
     with state.split_between_processes(sorted(batches.items())) as mine:
         mine = list(mine)
         show = state.is_local_main_process if progress is None else progress
@@ -600,12 +883,10 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
                             desc=f"explain (process {state.process_index})"
                             if state.num_processes > 1 else "explain",
                             total=sum(len(b) for _, b in mine))
-        options = dict(tokenizer=tokenizer, position=position, continuation=continuation,
-                       generate=generate, generation_kwargs=generation_kwargs)
         for number, rows in mine:
             results = _explain_rows(model, rows, ids, texts, targets, comp, contrast, options)
             shard = _rows(results, rows, ids, table, kept, task, position, tokenizer,
-                          generate is not None, id_type)
+                          generate is not None, id_type, hashes)
             name = (f"rows-{number * batch_size:09d}-"
                     f"{min((number + 1) * batch_size, len(table)):09d}.parquet")
             _write_shard(folder / name, shard)
@@ -701,6 +982,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
                         help="run the model in this dtype (default: as stored)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force-new", action="store_true",
+                        help="delete a run already in the output folder and start afresh "
+                             "(default: resume it, if model, data and settings are the same)")
 
 
 def process_gpus(local_rank: int, local_processes: int, gpus: int) -> list[int]:
@@ -756,7 +1040,7 @@ def run_command(args: Any, load_model: Any, load_tokenizer: Any) -> int:
         composite=args.composite, batch_size=args.batch_size, id_field=args.id_field,
         keep=args.keep, position=args.position, continuation=args.continuation,
         generate=args.generate, format=args.format,
-        progress=False if args.no_progress else None)
+        progress=False if args.no_progress else None, force_new=args.force_new)
     if state.is_main_process:
         print(f"{len(rows)} rows in {args.output}")
     destroy = getattr(state, "destroy_process_group", None)
