@@ -194,3 +194,49 @@ def test_symlinks_are_not_followed(tmp_path):
     link.symlink_to(tmp_path / "elsewhere.lrp")
     with pytest.raises(ValueError, match="symbolic link"):
         NEW.save(link)
+
+
+# ------------------------------------------------------------------------- evaluate
+
+
+def test_generation_rows_scored_per_generated_token():
+    """High 5: a generation row's (generated × tokens) matrix was scored as one flattened row.
+    Each generated token is scored on the tokens before it against its own truth: step 0 sees
+    tokens 0, 1 (truth 1 ranks first), step 1 sees tokens 0, 1, 2 (truth 2 ranks third)."""
+    row = {"relevance": [[0.1, 0.5, 0.0, 0.0], [0.3, 0.1, 0.05, 0.0]], "prompt_length": 2,
+           "truth": [[1], [2]]}
+    ev = lrp_explicit.evaluate([row], truth="truth")
+    assert ev.per_row["MRR"] == [1.0, 1 / 3] and ev.per_row["PG2"] == [1.0, 0.0]
+    assert ev["MRR"] == pytest.approx(2 / 3, abs=1e-15) and ev.rows == 2
+    assert ev.per_row["RMA"] == [pytest.approx(0.5 / 0.6), pytest.approx(0.05 / 0.45)]
+    with pytest.raises(ValueError, match=r"row 0 is a generation of 2 tokens: give its truth "
+                                         r"per generated token"):
+        lrp_explicit.evaluate([dict(row, truth=[1, 2])], truth="truth")
+    with pytest.raises(ValueError, match="row 0 is a generation"):
+        lrp_explicit.evaluate([row], model=torch.nn.Linear(2, 2))
+
+
+def test_integer_zero_one_mask_is_a_mask():
+    """Medium: truth [[0, 0, 1, 0]] was read as the positions 0 and 1."""
+    rows = [{"relevance": [0.1, 0.2, 0.9, 0.3]}]
+    ev = lrp_explicit.evaluate(rows, truth=[[0, 0, 1, 0]])
+    assert ev["MRR"] == 1.0 and ev["PG2"] == 1.0
+    assert ev["RMA"] == pytest.approx(0.9 / 1.5)
+    with pytest.raises(ValueError, match=r"row 0: truth \[1, 0\] is ambiguous"):
+        lrp_explicit.evaluate([{"relevance": [0.1, 0.2]}], truth=[[1, 0]])
+    with pytest.raises(ValueError, match="repeats a position"):
+        lrp_explicit.evaluate(rows, truth=[[2, 2]])
+    assert lrp_explicit.evaluate(rows, truth=[[3, 1]])["MRR"] == 1 / 2  # positions stay
+
+
+def test_nan_rows_are_excluded_and_counted():
+    """Medium: rows with NaN relevance were scored silently."""
+    rows = [{"relevance": [float("nan"), 1.0, 0.0], "t": [0]},
+            {"relevance": [0.0, 1.0, 2.0], "t": [2]},
+            {"relevance": [float("inf"), 1.0, 0.0], "t": [1]}]
+    with pytest.warns(RuntimeWarning, match=r"2 of 3 rows have NaN or infinite relevance"):
+        ev = lrp_explicit.evaluate(rows, truth="t")
+    assert ev.rows == 1 and ev.per_row["MRR"] == [1.0]
+    assert ev.settings["excluded_rows"] == [0, 2] and "2 rows with NaN" in str(ev)
+    with pytest.raises(ValueError, match="every row's relevance has NaN"):
+        lrp_explicit.evaluate(rows[:1], truth="t")

@@ -182,3 +182,30 @@ def test_metadata_holds_the_identity(two_models, tok, tmp_path):
     assert runs.fingerprint(a, tok)["model config"] == runs.fingerprint(b, tok)["model config"]
     assert meta["rows"] == 4 and meta["data_fields"] == ["text"]
     assert os.path.basename(meta["data"]) == "data"
+
+
+def test_evaluate_a_generation_run_per_generated_token(two_models, tok, tmp_path):
+    """High 5 on a real run: generate=2 rows are scored per generated token against a truth
+    per step, each step equal to scoring explain(prompt + generated so far) alone; a flat
+    truth is refused."""
+    a, _ = two_models
+    rows = run(a, tok, DATA[:2], tmp_path / "run", generate=2)
+    with pytest.raises(ValueError, match=r"row 0 is a generation of 2 tokens"):
+        lrp_explicit.evaluate(tmp_path / "run", truth=[[0], [1]])
+    truth = [[[0], [1]], [[1], [0]]]
+    ev = lrp_explicit.evaluate(tmp_path / "run", truth=truth, valid=None)
+    assert ev.rows == 4 and ev.settings["per"] == "generated token"
+    expected = []
+    for i, row in enumerate(rows.to_list()):
+        for g in range(2):
+            n = row["prompt_length"] + g
+            single = lrp_explicit.explain(a, row["ids"][:n], target=row["target"][g],
+                                          tokenizer=tok)
+            alone = lrp_explicit.evaluate([{"relevance": single.relevance,
+                                            "special": row["special"][:n]}],
+                                          truth=[truth[i][g]])
+            expected.append(alone.per_row["MRR"][0])
+    assert ev.per_row["MRR"] == pytest.approx(expected, abs=1e-12)
+    gen = lrp_explicit.explain(a, DATA[0]["text"], tokenizer=tok, generate=2)
+    assert lrp_explicit.evaluate([gen], truth=[truth[0]]).per_row["MRR"] == pytest.approx(
+        expected[:2], abs=1e-12)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,11 @@ class Evaluation:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return f"{self.rows} rows\n{self.table()}"
+        excluded = self.settings.get("excluded_rows") or []
+        note = f" ({len(excluded)} rows with NaN or infinite relevance excluded: " \
+            f"{', '.join(map(str, excluded[:10]))}{' …' if len(excluded) > 10 else ''})" \
+            if excluded else ""
+        return f"{self.rows} rows{note}\n{self.table()}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -236,6 +241,10 @@ def _rows_of(results: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def _explanation_row(e: Any) -> dict[str, Any]:
+    if getattr(e, "prompt_length", None) is not None:  # a GenerationExplanation
+        return {"relevance": e.relevance, "ids": e.ids, "special": e.special,
+                "score": e.scores, "target": e.generated, "contrast": e.contrast,
+                "prompt_length": e.prompt_length, "task": e.task}
     row = {"relevance": e.relevance, "ids": e.ids, "special": e.special, "score": e.score,
            "target": e.target, "contrast": e.contrast, "task": e.task}
     if e.task == "causal-lm" and e.tokens is not None and not isinstance(e.target, list):
@@ -268,8 +277,13 @@ def _flat(value: Any, row: int, what: str) -> Tensor:
     return tensor.double().flatten()
 
 
-def _mask(value: Any, n: int, row: int, what: str) -> Tensor:
-    """Positions (ints) or a boolean mask → a boolean mask of ``n`` entries."""
+def _mask(value: Any, n: int, row: Any, what: str) -> Tensor:
+    """Positions (ints) or a boolean mask → a boolean mask of ``n`` entries.
+
+    A sequence of ``n`` zeros and ones with a repeat (``[0, 0, 1, 0]``) is a 0/1 mask (positions
+    never repeat); one without a repeat (``[1, 0]`` of 2 tokens) could be either and is
+    refused; other repeated positions are refused.
+    """
     if value is None:
         raise ValueError(f"row {row}: no {what}")
     tensor = value.detach().cpu() if isinstance(value, Tensor) else torch.as_tensor(
@@ -279,7 +293,21 @@ def _mask(value: Any, n: int, row: int, what: str) -> Tensor:
         if tensor.numel() != n:
             raise ValueError(f"row {row}: {what} has {tensor.numel()} entries for {n} tokens")
         return tensor
+    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(f"row {row}: {what} must be token positions (ints) or a boolean mask, "
+                         f"not {tensor.dtype} values")
     positions = tensor.flatten().long()
+    repeats = positions.numel() != positions.unique().numel()
+    binary = positions.numel() == n and bool(((positions == 0) | (positions == 1)).all())
+    if binary and repeats:
+        return positions.bool()  # a 0/1 mask: positions never repeat
+    if binary and n > 1:
+        raise ValueError(f"row {row}: {what} {positions.tolist()} is ambiguous: {n} zeros and "
+                         "ones read as a 0/1 mask or as positions; give a boolean mask or "
+                         "positions")
+    if repeats:
+        raise ValueError(f"row {row}: {what} repeats a position ({positions.tolist()}); give "
+                         "positions without repeats or a boolean mask")
     if positions.numel() and (positions.min() < -n or positions.max() >= n):
         raise ValueError(f"row {row}: {what} position outside the {n} tokens")
     out = torch.zeros(n, dtype=torch.bool)
@@ -483,21 +511,49 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
     truths = _per_row(truth, rows, "truth")
     valids = _per_row(valid, rows, "valid")
     per_row: dict[str, list[float]] = {}
-    flats = [_flat(r.get(key), i, key) for i, r in enumerate(rows)]
+    generation = [r.get("prompt_length") is not None for r in rows]
+    if any(generation):
+        if model is not None:
+            first = generation.index(True)
+            raise ValueError(f"row {first} is a generation (one explanation per generated "
+                             "token): perturbation curves score one explained output per row; "
+                             "evaluate generations against a ground truth per generated token")
+        rows, truths, valids, labels = _generation_steps(rows, truths, valids, key, level)
+    else:
+        labels = list(range(len(rows)))
+    flats = [_flat(r.get(key), labels[i], key) for i, r in enumerate(rows)]
+    finite = [bool(torch.isfinite(f).all()) for f in flats]
+    excluded = [labels[i] for i, ok in enumerate(finite) if not ok]
+    if excluded:
+        if len(excluded) == len(rows):
+            raise ValueError(f"every row's {key} has NaN or infinite values; nothing to score")
+        warnings.warn(f"lrp_explicit.evaluate: {len(excluded)} of {len(rows)} rows have NaN or "
+                      f"infinite {key} and are excluded (rows {excluded[:10]})", RuntimeWarning,
+                      stacklevel=2)
+        kept_rows = [i for i, ok in enumerate(finite) if ok]
+        rows, flats = [rows[i] for i in kept_rows], [flats[i] for i in kept_rows]
+        truths, valids = [truths[i] for i in kept_rows], [valids[i] for i in kept_rows]
+        labels = [labels[i] for i in kept_rows]
     keep: list[Tensor] = []
     for i, (row, rel) in enumerate(zip(rows, flats)):
         if valids[i] is not None:
-            keep.append(_mask(valids[i], rel.numel(), i, "valid"))
+            keep.append(_mask(valids[i], rel.numel(), labels[i], "valid"))
         elif level == "tokens" and row.get("special") is not None \
                 and len(row["special"]) == rel.numel():
             keep.append(~torch.as_tensor(np.asarray(row["special"], dtype=bool)))
         else:
             keep.append(torch.ones(rel.numel(), dtype=torch.bool))
+        if row.get("_context") is not None:  # a generated token sees only the tokens before it
+            keep[-1] = keep[-1].clone()
+            keep[-1][row["_context"]:] = False
     if truth is not None:
-        per_row.update(_truth_metrics(flats, truths, keep, k))
+        per_row.update(_truth_metrics(flats, truths, keep, k, labels))
     curves: dict[str, list[np.ndarray]] = {}
     random_sem: dict[str, list[np.ndarray]] = {}
-    settings: dict[str, Any] = {"level": level, "k": k, "rows": len(rows)}
+    settings: dict[str, Any] = {"level": level, "k": k, "rows": len(rows),
+                                "excluded_rows": excluded}
+    if any(generation):
+        settings["per"] = "generated token"
     if model is not None:
         settings.update(_perturb(model, rows, flats, keep, tokenizer, replacement, max_steps,
                                  random_orders, score, contrast, meta, batch_size, seed,
@@ -515,19 +571,65 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
     return Evaluation(means, sem, per_row, mean_curves, GRID.tolist(), len(rows), settings)
 
 
+def _generation_steps(rows: list[dict[str, Any]], truths: list[Any], valids: list[Any],
+                      key: str, level: str) -> tuple[list[dict[str, Any]], list[Any],
+                                                     list[Any], list[Any]]:
+    """Each generated token of a generation row as a row of its own, with the truth (and
+    valid mask) given for that step; labels ``"row/step"``."""
+    if level != "tokens":
+        raise ValueError("generation rows are scored per token (level='tokens')")
+    out_rows, out_truths, out_valids, labels = [], [], [], []
+    for i, row in enumerate(rows):
+        matrix = row.get(key)
+        if row.get("prompt_length") is None:
+            out_rows.append(row)
+            out_truths.append(truths[i])
+            out_valids.append(valids[i])
+            labels.append(i)
+            continue
+        if matrix is None:
+            raise ValueError(f"row {i}: no {key}")
+        matrix = matrix.detach().cpu() if isinstance(matrix, Tensor) else torch.tensor(
+            np.asarray(matrix, dtype=np.float64))
+        if matrix.dim() != 2:
+            raise ValueError(f"row {i}: a generation's {key} is a (generated, tokens) matrix, "
+                             f"not of shape {tuple(matrix.shape)}")
+        steps = matrix.shape[0]
+        truth, valid = truths[i], valids[i]
+        for name, spec in (("truth", truth), ("valid", valid)):
+            if spec is None:
+                continue
+            if isinstance(spec, Tensor):
+                ok = spec.dim() == 2 and spec.shape[0] == steps
+            else:
+                ok = isinstance(spec, (list, tuple)) and len(spec) == steps and all(
+                    isinstance(s, (list, tuple, Tensor, np.ndarray)) for s in spec)
+            if not ok:
+                raise ValueError(f"row {i} is a generation of {steps} tokens: give its {name} "
+                                 f"per generated token (a list of {steps} position lists or "
+                                 "masks, one per step)")
+        for g in range(steps):
+            out_rows.append({**row, key: matrix[g], "_context": int(row["prompt_length"]) + g})
+            out_truths.append(None if truth is None else truth[g])
+            out_valids.append(None if valid is None else valid[g])
+            labels.append(f"{i}/{g}")
+    return out_rows, out_truths, out_valids, labels
+
+
 def _truth_metrics(flats: list[Tensor], truths: list[Any], keep: list[Tensor],
-                   k: int) -> dict[str, list[float]]:
+                   k: int, labels: list[Any] | None = None) -> dict[str, list[float]]:
     """PG-k, MRR, RMA and PTA of every row, computed on the rows padded into one batch (the
     padding is not scored)."""
     width = max(rel.numel() for rel in flats)
     rel = torch.zeros(len(flats), width, dtype=torch.float64)
     gt = torch.zeros(len(flats), width, dtype=torch.bool)
     valid = torch.zeros(len(flats), width, dtype=torch.bool)
+    labels = list(range(len(flats))) if labels is None else labels
     for i, row in enumerate(flats):
         n = row.numel()
-        mask = _mask(truths[i], n, i, "truth")
+        mask = _mask(truths[i], n, labels[i], "truth")
         if not (mask & keep[i]).any():
-            raise ValueError(f"row {i}: no ground-truth token among the scored tokens")
+            raise ValueError(f"row {labels[i]}: no ground-truth token among the scored tokens")
         rel[i, :n], gt[i, :n], valid[i, :n] = row, mask, keep[i]
     best = metrics.best_rank(rel, gt, valid)
     return {f"PG{k}": (best <= k).double().tolist(), "MRR": (1.0 / best).tolist(),
