@@ -255,6 +255,13 @@ class Squash(nn.Module):
         return torch.tanh(x) * 3.0
 
 
+class InverseStd(nn.Module):
+    """The inverse standard deviation of each row: modeling code multiplies the input by it."""
+
+    def forward(self, x):
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class Gated(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -271,6 +278,7 @@ class Gated(nn.Module):
     (HandLayerNorm(12), "layer"),
     (Scaler(12), "rms"),
     (nn.LayerNorm(12, elementwise_affine=False), "layer"),
+    (InverseStd(), "statistic"),
     (Squash(), "elementwise"),
     (nn.Tanh(), "elementwise"),
     (nn.Linear(12, 12), None),
@@ -294,6 +302,28 @@ def test_classify_transformers_norms(module, cls, kind):
     for p in norm.parameters():  # trained weights are not all ones
         nn.init.normal_(p, 0.5, 0.2)
     assert auto.classify(norm) == kind
+
+
+def test_a_statistic_module_is_held_constant():
+    """``x * inverse_std(x)`` with the statistic held constant gives x the identity rule (the
+    constant-std rule of an RMSNorm); seen op by op it would be a uniform product instead."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stat, self.proj = InverseStd(), nn.Linear(12, 3, bias=False)
+
+        def forward(self, x):
+            return self.proj(x * self.stat(x))
+
+    model = Block().to(D)
+    x = torch.randn(1, 12, dtype=D, generator=torch.Generator().manual_seed(0))
+    got = relevance(model, composites.get("attnlrp", model), {"x": x}, lambda m, xs: m(xs["x"]),
+                    lambda o: o[:, 1])["x"]
+    h = x * InverseStd()(x)
+    z = h @ model.proj.weight.T
+    r_h = h * (model.proj.weight[1] * (z[:, 1:2] / (z[:, 1:2] + 1e-12 * z[:, 1:2].sign())))
+    torch.testing.assert_close(got, r_h, rtol=1e-10, atol=0)  # the identity through the scaling
 
 
 def test_saturated_tanh_is_not_a_norm():

@@ -80,15 +80,17 @@ def _single_input(module: nn.Module) -> bool:
                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-def _probe(module: nn.Module, x: Tensor) -> Tensor | None:
-    """``module.forward(x)`` without gradients, or ``None`` if it fails or returns no tensor of
-    the input's shape."""
+def _probe(module: nn.Module, x: Tensor, shape: tuple[int, ...] | None = None) -> Tensor | None:
+    """``module.forward(x)`` without gradients, or ``None`` if it fails or returns no finite
+    tensor of ``shape`` (by default the input's)."""
     try:
         with torch.no_grad():
             y = module.forward(x)
     except Exception:  # noqa: BLE001 - any failure means "not this kind of module"
         return None
-    if not isinstance(y, Tensor) or y.shape != x.shape or not torch.isfinite(y).all():
+    expected = x.shape if shape is None else shape
+    if not isinstance(y, Tensor) or tuple(y.shape) != tuple(expected) \
+            or not torch.isfinite(y).all():
         return None
     return y
 
@@ -124,6 +126,21 @@ def _norm_kind(module: nn.Module, width: int, dtype: torch.dtype, device: torch.
     return "layer" if shifted is not None and _close(shifted, y, tolerance) else "rms"
 
 
+def _is_statistic(module: nn.Module, width: int, dtype: torch.dtype, device: torch.device,
+                  generator: torch.Generator) -> bool:
+    """True if ``module`` returns a scale statistic of its input over the last dimension (one
+    value per row, the standard deviation or its inverse): scaling the input by ``c`` scales
+    the output by ``c`` or ``1 / c``. Modeling code multiplies the input by it to normalise."""
+    x = torch.randn(*_PROBE_SHAPE, width, generator=generator, dtype=torch.float64) * 1e3
+    x = x.to(device=device, dtype=dtype)
+    shape = (*_PROBE_SHAPE, 1)
+    y, scaled = _probe(module, x, shape), _probe(module, x * 2.5, shape)
+    if y is None or scaled is None or y.abs().min() == 0:
+        return False
+    tolerance = _TOLERANCE[dtype]
+    return _close(scaled, y * 2.5, tolerance) or _close(scaled, y / 2.5, tolerance)
+
+
 def _is_elementwise(module: nn.Module, dtype: torch.dtype, device: torch.device,
                     generator: torch.Generator) -> bool:
     """True if ``module`` maps each element of its input on its own: the output of a permuted
@@ -152,8 +169,10 @@ def classify(module: nn.Module, seed: int = 0) -> str | None:
     -------
     str or None
         ``"layer"`` (a centring norm: LayerNorm rule), ``"rms"`` (a scaling norm: RMSNorm
-        rule), ``"elementwise"`` (an activation: identity rule) or ``None`` (left to the op
-        table: its functional calls are ruled one by one).
+        rule), ``"statistic"`` (a module without weights returning the standard deviation of
+        its input's rows or its inverse, by which modeling code then scales the input: held
+        constant, as the constant-std rule holds a norm's), ``"elementwise"`` (an activation)
+        or ``None`` (left to the op table: its functional calls are ruled one by one).
 
     Notes
     -----
@@ -177,6 +196,8 @@ def classify(module: nn.Module, seed: int = 0) -> str | None:
         kind = _norm_kind(module, width, dtype, device, generator)
         if kind is not None:
             return kind
+        if not params and _is_statistic(module, width, dtype, device, generator):
+            return "statistic"
     if all(p.numel() == 1 for p in params) and _is_elementwise(module, dtype, device, generator):
         return "elementwise"
     return None
@@ -208,7 +229,8 @@ def _kind_by_name(module: nn.Module) -> str | None:
 class Detector:
     """The module-rule fallback of the automatic composite: the norm rule for a module whose
     class is in no table and that :func:`classify` finds to be a norm (cached per class and
-    weight layout). Activation classes come from the tables of :func:`known_rules`;
+    weight layout), and the stop rule for a module returning a norm's statistic (its output is
+    held constant). Activation classes come from the tables of :func:`known_rules`;
     element-wise modules of other classes stay under the op table.
 
     Parameters
@@ -236,7 +258,12 @@ class Detector:
         # an element-wise module of unknown class keeps its functional calls under the op table
         # (identity for its activations, uniform for its products: the same relevance), so a
         # custom autograd Function inside it is still seen and named
-        factory = partial(rules.NormRule, kind=kind) if kind in ("layer", "rms") else None
+        if kind in ("layer", "rms"):
+            factory = partial(rules.NormRule, kind=kind)
+        elif kind == "statistic":
+            factory = rules.StopRule
+        else:
+            factory = None
         with self._lock:
             self._cache[key] = factory
             if factory is not None:
