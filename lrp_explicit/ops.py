@@ -504,3 +504,25 @@ CPLRP_OPS: dict[str, Handler] = {
     "softmax": _softmax_stop,
     "sdpa": _sdpa(hold_weights=True),
 }
+
+
+# ---------------------------------------------------------------------------- triangular solve
+
+
+def _solve_triangular(func, args, kwargs, epsilon):
+    """``torch.linalg.solve_triangular(A, B)`` is linear in its right-hand side ``B``: the matrix
+    ``A`` is held constant and ``B`` takes the ε-rule (the UT transform of a gated delta-net,
+    whose matrix is made of keys, β and the decay; MambaLRP holds such parameters constant)."""
+    matrix, rhs = _arg(args, kwargs, 0, "A"), _arg(args, kwargs, 1, "B")
+    if len(args) > 2 or "out" in kwargs or not isinstance(rhs, Tensor):
+        raise NoRule
+    options = {k: v for k, v in kwargs.items() if k not in ("A", "B")}
+    if on_path(matrix):
+        matrix = lf.stop(matrix)
+    if not on_path(rhs):
+        return func(matrix, rhs, **options)
+    return lf.bilinear_uniform(lambda b: func(matrix, b, **options), rhs, epsilon=epsilon)
+
+
+_names("solve_triangular", [torch.linalg.solve_triangular])
+ATTNLRP_OPS["solve_triangular"] = CPLRP_OPS["solve_triangular"] = _solve_triangular

@@ -1,0 +1,108 @@
+"""State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5.
+
+The rules follow MambaLRP (Rezaei Jafari et al., NeurIPS 2024): the parameters a selective
+layer computes from its own input (the step Δ, B, C and with them the decay ``exp(Δ·A)``; the
+gates β and the decay ``g`` of a gated delta-net) are held constant, so the scan is linear in the
+signal it carries and the shared op table explains it (ε through the recurrence's sums and
+products with constants, the convolution ε, the SiLU gate product uniform under AttnLRP and
+the gate constant under CP-LRP, the skip ``D·x`` an ε-sum). ``docs/ssm.md`` has the details.
+
+Only what cannot be found from the model itself is listed here, each entry with the reason
+(:data:`MIXERS`, :data:`GATED_NORMS`); single-input norms and activations are found by the
+automatic detector, linear layers and the functional code by the shared tables.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..rules.ssm import GatedNormRule, Held, HeldParametersRule
+from .hf import base_rules, check_experts_implementation
+from .variants import register_variants
+
+__all__ = ["MIXERS", "GATED_NORMS", "module_rules"]
+
+_WHY_X_PROJ = ("x_proj is an ordinary linear layer; only the modeling code says that its whole "
+               "output is [Δ_low, B, C], the parameters of the scan, not the signal")
+_WHY_MAMBA2 = ("Δ is one section of in_proj's output and B, C two sections of the convolution's, "
+               "cut by split in the forward; nothing but the modeling code tells the sections "
+               "apart")
+_WHY_DELTA = ("in_proj_ba (in_proj_b, in_proj_a) is an ordinary linear layer; only the modeling "
+              "code says it makes β and the decay g; the l2-normalisation of queries and keys "
+              "is a function (rsqrt of a sum of squares), not a module the detector can probe")
+
+
+def _mamba2_splits(mixer: nn.Module) -> dict[tuple[int, ...], frozenset[int]]:
+    groups = mixer.n_groups * mixer.ssm_state_size
+    return {
+        # gate, x·B·C, Δ = in_proj(x).split(...): Δ held
+        (mixer.intermediate_size, mixer.conv_dim, mixer.num_heads): frozenset({2}),
+        # x, B, C = split(conv(x·B·C)): B and C held
+        (mixer.intermediate_size, groups, groups): frozenset({1, 2}),
+    }
+
+
+#: Mixer classes (``module:Class``) and what each computes from its input and holds constant.
+MIXERS: dict[str, Held] = {
+    "transformers.models.mamba.modeling_mamba:MambaMixer":
+        Held(children=("x_proj",), why=_WHY_X_PROJ),
+    "transformers.models.falcon_mamba.modeling_falcon_mamba:FalconMambaMixer":
+        Held(children=("x_proj",), why=_WHY_X_PROJ),
+    "transformers.models.mamba2.modeling_mamba2:Mamba2Mixer":
+        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet":
+        Held(children=("in_proj_ba",), outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}),
+             why=_WHY_DELTA),
+    "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5GatedDeltaNet":
+        Held(children=("in_proj_b", "in_proj_a"),
+             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
+}
+
+#: Gated RMSNorms ``norm(x, gate)``: two inputs, and which one is the gate is a convention of
+#: the modeling code, so the detector (which probes single-input modules) cannot find them.
+GATED_NORMS: tuple[str, ...] = (
+    "transformers.models.mamba2.modeling_mamba2:Mamba2RMSNormGated",
+    "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextRMSNormGated",
+    "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5RMSNormGated",
+)
+
+#: family -> the model types it serves and the modeling modules it needs
+FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "mamba": (("mamba", "falcon_mamba"), ("mamba", "falcon_mamba")),
+    "mamba2": (("mamba2",), ("mamba2",)),
+    "qwen3_next": (("qwen3_next", "qwen3_5_text"), ("qwen3_next", "qwen3_5")),
+}
+
+
+def _load(spec: str) -> type | None:
+    module, name = spec.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # an older transformers without the class
+        return None
+
+
+def module_rules(cp_lrp: bool, modules: tuple[str, ...] = ()) -> dict[Any, Callable]:
+    """The module rules of the state-space families for AttnLRP or CP-LRP (``cp_lrp``):
+    :func:`~lrp_explicit.composites.hf.base_rules`, the mixers of :data:`MIXERS` (those of the
+    transformers modeling ``modules``, all if empty) and the gated norms."""
+    table: dict[Any, Callable] = base_rules(cp_lrp)
+    wanted = tuple(f"transformers.models.{m}." for m in modules)
+    for spec, held in MIXERS.items():
+        cls = _load(spec) if not wanted or spec.startswith(wanted) else None
+        if cls is not None:
+            table[cls] = partial(HeldParametersRule, held=held)
+    for spec in GATED_NORMS:
+        cls = _load(spec) if not wanted or spec.startswith(wanted) else None
+        if cls is not None:
+            table[cls] = partial(GatedNormRule, hold_gate=cp_lrp)
+    return table
+
+
+for _family, (_types, _modules) in FAMILIES.items():
+    register_variants(_family, partial(module_rules, modules=_modules), model_types=_types,
+                      validate=check_experts_implementation)

@@ -1,0 +1,204 @@
+"""State-space and linear-attention layers under MambaLRP (Rezaei Jafari et al., NeurIPS 2024):
+Mamba (``MambaMixer``), Mamba 2 (chunked SSD) and Qwen3-Next (gated delta-net, chunked), built
+from tiny float64 configs with the stock transformers classes.
+
+Shown: the family is found; the forward under both composites is bit-exact; CP-LRP with every
+bias zeroed conserves the explained logit; the relevance equals the independent
+MambaLRP-modified Gradient×Input of ``tests/gxi_ssm.py``; ``lrp_explicit.check`` is clean in
+strict mode; the generic composite (no parameters held) gives a different relevance.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+from torch.overrides import TorchFunctionMode
+
+import lrp_explicit
+from lrp_explicit import composites
+from lrp_explicit.audit.bias import zero_bias
+from lrp_explicit.rules import StopRule
+from lrp_explicit.rules.ssm import GatedNormRule, HeldParametersRule
+from gxi_ssm import reference_relevance
+
+VARIANTS = ["attnlrp", "cp-lrp"]
+VOCAB = 61
+
+
+def _mamba():
+    return tf.MambaForCausalLM(tf.MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
+        intermediate_size=64, conv_kernel=4, time_step_rank=4, residual_in_fp32=False))
+
+
+def _falcon_mamba():
+    return tf.FalconMambaForCausalLM(tf.FalconMambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2,
+        intermediate_size=64, conv_kernel=4, time_step_rank=4, residual_in_fp32=False))
+
+
+def _mamba2():
+    return tf.Mamba2ForCausalLM(tf.Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+        head_dim=16, num_heads=4, n_groups=2, conv_kernel=4, chunk_size=4, time_step_rank=4,
+        residual_in_fp32=False))
+
+
+def _qwen3_next():
+    config = tf.Qwen3NextConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"])
+    config._experts_implementation = "eager"  # grouped_mm takes no float64
+    config._attn_implementation = "eager"
+    return tf.Qwen3NextForCausalLM(config)
+
+
+BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
+            "qwen3_next": _qwen3_next}
+FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
+          "qwen3_next": "qwen3_next"}
+#: The stock modeling code computes parts of each layer in float32 whatever the model's dtype
+#: (Mamba's discretised input ``hidden_states.float()``, Mamba 2's chunked scan, the gated
+#: delta rule, the residual stream where ``residual_in_fp32``), so relevance passing there is
+#: rounded to float32 (2⁻²⁴ ≈ 6e-8 relative per element; Σ|R| is about 8 × |ΣR| here):
+#: conservation of the stock models is bounded by that, exact conservation is shown with those
+#: casts kept in float64 (:class:`Float64Inside`).
+STOCK_CONSERVATION = 1e-6
+
+
+class Float64Inside(TorchFunctionMode):
+    """Test-only: ``.float()`` and ``.to(torch.float32)`` of float64 tensors return them as
+    they are, so the whole model runs in float64. Entered before the composite's op dispatch,
+    it sits below it and sees the casts after the rules."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.float, torch.Tensor.to) and args[0].dtype == torch.float64:
+            if func is torch.Tensor.float or torch.float32 in args[1:] \
+                    or kwargs.get("dtype") is torch.float32:
+                return args[0] if not kwargs.get("copy") else args[0].clone()
+        return func(*args, **kwargs)
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = BUILDERS[name]().to(torch.float64).eval()
+    with torch.no_grad():  # a spread of inputs, not the tiny initialisation only
+        for param_name, param in model.named_parameters():
+            if param.dim() == 2 and "embed" not in param_name:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+def embeddings(model, length: int = 11, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return model.get_input_embeddings()(ids).detach()
+
+
+def score(output) -> torch.Tensor:
+    """The largest logit at the last position, one per sample."""
+    return output.logits[:, -1].max(-1).values
+
+
+def explain(model, x, variant, family=None):
+    comp = composites.get(variant, model, strict=True, **({"family": family} if family else {}))
+    with comp.context(model):
+        x = x.clone().requires_grad_(True)
+        output = model(inputs_embeds=x, use_cache=False)
+        y = score(output)
+        y.backward(y.detach())
+    return x.grad, output, y.detach(), comp
+
+
+def relative_error(got, ref):
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_family_is_found_and_mixers_are_held(name):
+    model = build(name)
+    assert composites.family_of(model) == FAMILY[name]
+    comp = composites.get("cp-lrp", model)
+    x = embeddings(model)
+    with comp.context(model):
+        model(inputs_embeds=x.requires_grad_(), use_cache=False)
+        mixers = [m for m in model.modules() if isinstance(m, HeldParametersRule)]
+        assert len(mixers) == (1 if name == "qwen3_next" else 2)
+        for mixer in mixers:
+            children = mixer.child_rules()
+            for held in mixer.held.children:
+                assert isinstance(children[held], StopRule)
+            if name in ("mamba2", "qwen3_next"):
+                assert isinstance(children["norm"], GatedNormRule)
+                assert children["norm"].hold_gate  # CP-LRP
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_is_bit_exact(name, variant):
+    model = build(name)
+    x = embeddings(model, batch=2)
+    plain = model(inputs_embeds=x, use_cache=False).logits
+    _, output, _, _ = explain(model, x, variant)
+    assert torch.equal(output.logits, plain)
+    assert torch.equal(model(inputs_embeds=x, use_cache=False).logits, plain)  # removed cleanly
+
+
+def conservation_error(model, x, float64_inside: bool) -> float:
+    with zero_bias(model):
+        if float64_inside:
+            with Float64Inside():
+                relevance, output, y, comp = explain(model, x, "cp-lrp")
+            assert output.logits.dtype == torch.float64
+        else:
+            relevance, _, y, comp = explain(model, x, "cp-lrp")
+    assert not comp.unruled
+    return abs(float(relevance.sum() - y.sum())) / abs(float(y.sum()))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_cp_lrp_conserves_the_logit_without_biases(name):
+    model = build(name)
+    x = embeddings(model, batch=2)
+    assert conservation_error(model, x, float64_inside=True) < 1e-8
+    assert conservation_error(model, x, float64_inside=False) < STOCK_CONSERVATION
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_equal_to_mambalrp_modified_gradient_x_input(name, variant):
+    model = build(name)
+    x = embeddings(model, batch=2)
+    relevance, _, _, comp = explain(model, x, variant)
+    reference = reference_relevance(model, variant, x, score, use_cache=False)
+    assert torch.isfinite(relevance).all() and not comp.unruled
+    assert relative_error(relevance, reference) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "qwen3_next"])
+def test_generic_composite_does_not_hold_the_parameters(name):
+    """Without the family knowledge Δ, B, C (or β, g) take relevance: a different explanation."""
+    model = build(name)
+    x = embeddings(model)
+    reference = reference_relevance(model, "cp-lrp", x, score, use_cache=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generic, _, _, _ = explain(model, x, "cp-lrp", family="generic")
+    assert relative_error(generic, reference) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "qwen3_next"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_check_is_clean_in_strict_mode(name, variant):
+    model = build(name)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    result = lrp_explicit.check(model, ids, variant, strict=True)
+    assert result.ok, result
