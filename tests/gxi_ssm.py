@@ -108,13 +108,15 @@ class ModifiedGradientTimesInputSSM:
 
 
 def reference_relevance(model: nn.Module, variant: str, embeds: torch.Tensor, select,
-                        **kwargs) -> torch.Tensor:
+                        run=None, **kwargs) -> torch.Tensor:
     """Relevance of ``inputs_embeds`` for the score ``select(output)`` by MambaLRP-modified
-    Gradient×Input."""
+    Gradient×Input; ``run(model, embeds)`` calls the model where the default
+    ``model(inputs_embeds=embeds, **kwargs)`` does not do."""
     for p in model.parameters():
         p.requires_grad_(False)
     x = embeds.detach().clone().requires_grad_(True)
     with ModifiedGradientTimesInputSSM(model, variant):
-        score = select(model(inputs_embeds=x, **kwargs))
+        output = run(model, x) if run is not None else model(inputs_embeds=x, **kwargs)
+        score = select(output)
     score.sum().backward()
     return (x * x.grad).detach()

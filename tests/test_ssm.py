@@ -1,11 +1,13 @@
 """State-space and linear-attention layers under MambaLRP (Rezaei Jafari et al., NeurIPS 2024):
-Mamba (``MambaMixer``), Mamba 2 (chunked SSD) and Qwen3-Next (gated delta-net, chunked), built
-from tiny float64 configs with the stock transformers classes.
+Mamba and Falcon-Mamba (``MambaMixer``, sequential scan), Mamba 2 (chunked SSD), Qwen3-Next and
+Qwen3.5 (gated delta-net, chunked), built from tiny float64 configs with the stock transformers
+classes.
 
-Shown: the family is found; the forward under both composites is bit-exact; CP-LRP with every
-bias zeroed conserves the explained logit; the relevance equals the independent
-MambaLRP-modified Gradient×Input of ``tests/gxi_ssm.py``; ``lrp_explicit.check`` is clean in
-strict mode; the generic composite (no parameters held) gives a different relevance.
+Shown: the family is found and the parameters are held where they are made; the forward under
+both composites is bit-exact; CP-LRP with every bias zeroed conserves the explained logit; the
+relevance equals the independent MambaLRP-modified Gradient×Input of ``tests/gxi_ssm.py``, also
+for a one-token decode step with a cache (the recurrent paths); ``lrp_explicit.check`` is clean
+in strict mode; the generic composite (no parameters held) gives a different relevance.
 """
 from __future__ import annotations
 
@@ -59,10 +61,20 @@ def _qwen3_next():
     return tf.Qwen3NextForCausalLM(config)
 
 
+def _qwen3_5():
+    config = tf.Qwen3_5TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4, layer_types=["linear_attention", "full_attention"])
+    config._attn_implementation = "eager"
+    return tf.Qwen3_5ForCausalLM(config)
+
+
 BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
-            "qwen3_next": _qwen3_next}
+            "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5}
 FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
-          "qwen3_next": "qwen3_next"}
+          "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next"}
 #: The stock modeling code computes parts of each layer in float32 whatever the model's dtype
 #: (Mamba's discretised input ``hidden_states.float()``, Mamba 2's chunked scan, the gated
 #: delta rule, the residual stream where ``residual_in_fp32``), so relevance passing there is
@@ -84,6 +96,12 @@ class Float64Inside(TorchFunctionMode):
                     or kwargs.get("dtype") is torch.float32:
                 return args[0] if not kwargs.get("copy") else args[0].clone()
         return func(*args, **kwargs)
+
+
+#: The ε of the ε-rules moves relevance by about ε/|z| where a sum z comes near zero; in this
+#: Qwen3.5 model (CP-LRP) the default ε (1e-12) moves it by 1.2e-7 in float64 (1e-15 at
+#: ε = 1e-20), which float32 rounding then lifts past 1e-6, so it is compared at a smaller ε.
+EPSILON = {"qwen3_5": 1e-20}
 
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:
@@ -108,8 +126,9 @@ def score(output) -> torch.Tensor:
     return output.logits[:, -1].max(-1).values
 
 
-def explain(model, x, variant, family=None):
-    comp = composites.get(variant, model, strict=True, **({"family": family} if family else {}))
+def explain(model, x, variant, family=None, epsilon=None):
+    options = {"family": family} if family else {}
+    comp = composites.get(variant, model, strict=True, epsilon=epsilon, **options)
     with comp.context(model):
         x = x.clone().requires_grad_(True)
         output = model(inputs_embeds=x, use_cache=False)
@@ -131,12 +150,12 @@ def test_family_is_found_and_mixers_are_held(name):
     with comp.context(model):
         model(inputs_embeds=x.requires_grad_(), use_cache=False)
         mixers = [m for m in model.modules() if isinstance(m, HeldParametersRule)]
-        assert len(mixers) == (1 if name == "qwen3_next" else 2)
+        assert len(mixers) == (1 if name.startswith("qwen3") else 2)
         for mixer in mixers:
             children = mixer.child_rules()
             for held in mixer.held.children:
                 assert isinstance(children[held], StopRule)
-            if name in ("mamba2", "qwen3_next"):
+            if name in ("mamba2", "qwen3_next", "qwen3_5"):
                 assert isinstance(children["norm"], GatedNormRule)
                 assert children["norm"].hold_gate  # CP-LRP
 
@@ -177,7 +196,7 @@ def test_cp_lrp_conserves_the_logit_without_biases(name):
 def test_equal_to_mambalrp_modified_gradient_x_input(name, variant):
     model = build(name)
     x = embeddings(model, batch=2)
-    relevance, _, _, comp = explain(model, x, variant)
+    relevance, _, _, comp = explain(model, x, variant, epsilon=EPSILON.get(name))
     reference = reference_relevance(model, variant, x, score, use_cache=False)
     assert torch.isfinite(relevance).all() and not comp.unruled
     assert relative_error(relevance, reference) < 1e-6
@@ -202,3 +221,32 @@ def test_check_is_clean_in_strict_mode(name, variant):
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     result = lrp_explicit.check(model, ids, variant, strict=True)
     assert result.ok, result
+
+
+def _decode_step(model, prefix, leaf):
+    """One token after a cached prefix: the recurrent paths (``mamba_selective_state_update``,
+    ``mamba2_selective_state_update``, ``torch_recurrent_gated_delta_rule``); the cached state
+    is a constant that absorbs its share."""
+    with torch.no_grad():
+        first = model(inputs_embeds=prefix, use_cache=True)
+    key = "cache" if "cache" in first else "past_key_values"
+    return model(inputs_embeds=leaf, use_cache=True, **{key: first[key]})
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "qwen3_next"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_step_with_a_cache(name, variant):
+    model = build(name)
+    x = embeddings(model, length=6, batch=2)
+    prefix, last = x[:, :-1], x[:, -1:]
+    plain = _decode_step(model, prefix, last).logits
+    comp = composites.get(variant, model, strict=True)
+    with comp.context(model):
+        leaf = last.clone().requires_grad_(True)
+        output = _decode_step(model, prefix, leaf)
+        y = score(output)
+        y.backward(y.detach())
+    assert torch.equal(output.logits, plain) and not comp.unruled
+    reference = reference_relevance(model, variant, last, score,
+                                    run=lambda m, leaf: _decode_step(m, prefix, leaf))
+    assert relative_error(leaf.grad, reference) < 1e-6
