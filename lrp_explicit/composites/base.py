@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from typing import Any, Callable, Iterator, Mapping
 
+import torch
 from torch import nn
 
 from .. import dispatch
@@ -110,6 +111,13 @@ class Composite:
         self.model: nn.Module | None = None
         self.unruled: Counter[tuple[str, str]] = Counter()
         self._undo: list[Callable[[], None]] = []
+        #: The thread of the library's pass that owns the model now (set by
+        #: :func:`lrp_explicit.pipeline.attribute`); other threads' forwards and ``train()``
+        #: calls on the model are refused meanwhile.
+        self.pass_thread: int | None = None
+        #: The thread that registered the composite: the model's forward (its root) from other
+        #: threads is refused while it is registered, except during a pass of theirs.
+        self.register_thread: int | None = None
 
     def __repr__(self) -> str:
         state = "registered" if self.model is not None else "not registered"
@@ -201,6 +209,16 @@ class Composite:
         return model
 
     def _bind(self, model: nn.Module) -> None:
+        self.register_thread = threading.get_ident()
+        self._guard_forward(model)  # first: a forward of another thread starting now is refused
+        busy = _running_elsewhere(model)  # one that started before is found on its stack
+        if busy:
+            raise CompositeError(
+                f"another thread is running a forward of {type(model).__name__} ({busy}); "
+                "registering now would change the model under it: train and explain the model "
+                "one after the other")
+        # the parameter guards go last at remove(), after the flags are back
+        self._guard_parameters(model)
         # By owner and name: accelerate's hooks replace offloaded parameters at every forward.
         flags = [((m, k), p.requires_grad) for m in model.modules()
                  for k, p in m._parameters.items() if p is not None]
@@ -231,8 +249,72 @@ class Composite:
         model.eval()
         dispatch.bind(self, model, opaque)
         self._undo.append(lambda: dispatch.unbind(self))
-        self._guard_forward(model)
+        self._guard_train(model)
         self.unruled.clear()
+
+    def refuse_other_threads(self, what: str, root: bool = False) -> None:
+        """Raise :class:`CompositeError` if a pass of the library owns the model and this is
+        another thread; with ``root`` (the model's own forward) also if another thread
+        registered the composite and no pass of this thread runs. A backward pass is let
+        through: checkpointed layers recompute their forward in it, possibly in autograd's
+        device thread."""
+        owner = self.pass_thread
+        if owner is None and root:
+            owner = self.register_thread
+        if owner is None or owner == threading.get_ident() \
+                or torch._C._current_graph_task_id() != -1:
+            return
+        name = type(self.model).__name__ if self.model is not None else "the model"
+        doing = "explained" if self.pass_thread is not None else "registered for explanation"
+        raise CompositeError(
+            f"{name} is being {doing} by another thread ({self.name}); {what} from this "
+            "thread is refused until that ends: run training and explanations of one model "
+            "one after the other (see the docs' section on threads)")
+
+    def _guard_parameters(self, model: nn.Module) -> None:
+        """A gradient that reaches the model's parameters while it is registered is refused.
+
+        Registering freezes the parameters, so no graph built since holds them: such a
+        gradient comes from a backward pass through a graph built before (another thread
+        training the model), and autograd would silently drop it.
+        """
+        name = type(model).__name__
+
+        def refuse(grad: Any) -> None:
+            raise CompositeError(
+                f"a backward pass reached the parameters of {name} while it carries {self!r} "
+                "(is another thread training it?); its gradients would be lost: train and "
+                "explain the model one after the other")
+
+        handles = [p.register_hook(refuse) for p in model.parameters() if p.requires_grad]
+        self._undo.append(lambda: _each([(h, None) for h in handles],
+                                        lambda h, _: h.remove()))
+
+    def _guard_train(self, model: nn.Module) -> None:
+        """``model.train()`` is refused while the model is registered (its rules explain the
+        model in eval mode; the mode comes back at :meth:`remove`), and any ``train()`` from
+        another thread during a pass."""
+        inner = model.train
+        previous = model.__dict__.get("train")
+
+        @functools.wraps(inner)
+        def train(mode: bool = True) -> nn.Module:
+            self.refuse_other_threads("train()")
+            if mode:
+                raise CompositeError(
+                    f"{type(model).__name__} carries {self!r}; train() is refused while it is "
+                    "registered (remove() first; it restores the model's mode)")
+            return inner(mode)
+
+        model.train = train
+
+        def restore() -> None:
+            if previous is None:
+                model.__dict__.pop("train", None)
+            else:
+                model.train = previous
+
+        self._undo.append(restore)
 
     def _guard_forward(self, model: nn.Module) -> None:
         """Drop this thread's frames when an interrupt ends the model's forward.
@@ -249,6 +331,7 @@ class Composite:
 
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            self.refuse_other_threads("a forward pass", root=True)
             mark = dispatch.depth()  # the root's own frame is already on it
             try:
                 return inner(*args, **kwargs)
@@ -345,6 +428,7 @@ class Composite:
             with _carriers_lock:
                 _carriers.pop(id(self.model), None)
                 self.model = None
+                self.register_thread = None
         if failures:
             first = failures[0]
             if not isinstance(first, Exception):
@@ -401,6 +485,27 @@ def _each(pairs: list, step: Callable[[Any, Any], Any]) -> None:
             failure = failure or err
     if failure is not None:
         raise failure
+
+
+_CALLS = {code for code in (getattr(getattr(nn.Module, name, None), "__code__", None)
+                            for name in ("_call_impl", "_wrapped_call_impl")) if code is not None}
+
+
+def _running_elsewhere(model: nn.Module) -> str | None:
+    """The module of ``model`` whose forward another thread is running now (found on that
+    thread's stack), or ``None``."""
+    modules = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        while frame is not None:
+            if frame.f_code in _CALLS:
+                name = modules.get(id(frame.f_locals.get("self")))
+                if name is not None:
+                    return f"module {name!r}" if name else "its root"
+            frame = frame.f_back
+    return None
 
 
 def _restore_flag(place: tuple[nn.Module, str], flag: bool) -> None:

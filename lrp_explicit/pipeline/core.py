@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import math
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, Union
@@ -275,10 +276,73 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
     Raises
     ------
     CompositeError
-        If the model carries another composite.
+        If the model carries another composite, or another thread changed the model during
+        the pass (trained it, ran a backward pass through its parameters, switched it to
+        training mode): the result would mix two states of the model.
     ValueError
         If the explained tensor does not depend on any explained input.
+
+    Notes
+    -----
+    The model is the pass's: passes over one model from several threads run one after the
+    other (a lock per model), and while a pass registered the composite, another thread's
+    forward, ``train()`` or backward through the model's parameters raises
+    :class:`CompositeError` (see the docs' section on threads).
     """
+    with _owned(model):
+        return _attribute(model, inputs, target, composite, record=record,
+                          observers=observers, label=label)
+
+
+_owners_lock = threading.Lock()
+_owners: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _owned(model: nn.Module) -> Iterator[None]:
+    """Hold ``model``'s pass lock: passes over one model run one after the other, also when
+    they come from several threads (re-entrant within one thread)."""
+    model = _uncompiled(model)
+    with _owners_lock:
+        lock = _owners.get(model)
+        if lock is None:
+            lock = _owners[model] = threading.RLock()
+    with lock:
+        yield
+
+
+def _guard_rules(model: nn.Module, composite: Composite) -> list[Any]:
+    """For the pass: a rule wrapper called by another thread (a forward that began before the
+    pass) raises :class:`CompositeError` (:meth:`Composite.refuse_other_threads`)."""
+    def guard(module: nn.Module, args: Any) -> None:
+        composite.refuse_other_threads("a forward pass")
+
+    return [m.register_forward_pre_hook(guard) for m in model.modules() if isinstance(m, Rule)]
+
+
+def _state(model: nn.Module) -> tuple[list[tuple[Tensor, int]], list[bool]]:
+    """The version counter of every parameter and the mode of every module."""
+    return [(p, p._version) for p in model.parameters()], [m.training for m in model.modules()]
+
+
+def _check_untouched(model: nn.Module, state: tuple[list[tuple[Tensor, int]], list[bool]],
+                     cause: BaseException | None = None) -> None:
+    """Refuse the result if another thread changed the weights or modes during the pass."""
+    name = type(model).__name__
+    versions, modes = state
+    if any(p._version != v for p, v in versions):
+        raise CompositeError(f"the weights of {name} changed during its explanation (another "
+                             "thread trained it?); the result would mix two models: explain "
+                             "again when training is not running") from cause
+    if [m.training for m in model.modules()] != modes:
+        raise CompositeError(f"{name} was switched to training mode during its explanation "
+                             "(by another thread?); explain again when training is not running")
+
+
+def _attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
+               target: TargetFunction, composite: Composite | None, *,
+               record: Sequence[str | type] | str | type = (),
+               observers: Iterable[Observer] = (), label: str = TARGET) -> Attribution:
     items = [inputs] if isinstance(inputs, Prepared) else list(inputs)
     owner = carrier(model)
     if composite is not None and owner is not None and owner is not composite:
@@ -296,6 +360,11 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
     mark = dispatch.depth()
     if registered:
         composite.register(model)
+    thread = composite.pass_thread if composite is not None else None
+    if composite is not None:
+        composite.pass_thread = threading.get_ident()
+    before_pass = _state(model) if composite is not None else ([], [])
+    guards = _guard_rules(model, composite) if composite is not None else []
     try:
         for watcher in watchers:
             watcher.install(model)
@@ -323,10 +392,16 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
                        for named, box in zip(leaves, grads) for key, leaf in named.items()]
             try:
                 y.backward(explained.initial)
+            except RuntimeError as err:
+                if composite is not None and "modified by an inplace operation" in str(err):
+                    _check_untouched(model, before_pass, err)  # weights changed meanwhile?
+                raise
             finally:
                 for handle in handles:
                     handle.remove()
         latent = recorder.finish()
+        if composite is not None:
+            _check_untouched(model, before_pass)
     finally:
         # Runs on every exit, an interrupt included (PyTorch's always-call module hooks run
         # only for an Exception): frames an interrupted forward left go first, then the hooks,
@@ -337,8 +412,14 @@ def attribute(model: nn.Module, inputs: Prepared | Sequence[Prepared],
             try:
                 _remove_all(reversed(installed))
             finally:
-                if registered:
-                    composite.remove()
+                try:
+                    if registered:
+                        composite.remove()
+                finally:
+                    for guard in guards:
+                        guard.remove()
+                    if composite is not None:
+                        composite.pass_thread = thread
     relevances = [{k: (sum(v[1:], v[0]) if v else None) for k, v in box.items()} for box in grads]
     unruled = Counter(composite.unruled) - before if composite is not None else Counter()
     return Attribution(relevances, latent, output, explained, composite, unruled)
