@@ -6,7 +6,7 @@ MambaLRP (Rezaei Jafari et al., NeurIPS 2024), written here without ``lrp_explic
 - the input-dependent parameters of the scan are detached where they are made: the output of
   Mamba's ``x_proj`` (``[Δ_low, B, C]``) and of Qwen3-Next's ``in_proj_ba`` (β and the decay),
   and Mamba 2's sections Δ of ``in_proj``'s output and B, C of the convolution's output, found
-  by their section sizes from the config;
+  by their sizes from the shapes of the mixer's weights;
 - the scan is then linear in its input: plain gradient (the recurrence, the convolution, the
   skip ``D·x``);
 - a gated RMSNorm ``y = norm(x, gate)`` with its deviation constant: AttnLRP
@@ -24,16 +24,28 @@ import gxi
 T = torch.Tensor
 SPLITS = {torch.split, T.split}
 HELD_CHILDREN = ("x_proj", "in_proj_ba", "in_proj_b", "in_proj_a")
-GATED_NORMS = ("Mamba2RMSNormGated", "Qwen3NextRMSNormGated", "Qwen3_5RMSNormGated")
+GATED_NORMS = ("Mamba2RMSNormGated", "Qwen3NextRMSNormGated", "Qwen3_5RMSNormGated",
+               "BambaRMSNormGated", "NemotronHRMSNormGated", "Zamba2RMSNormGated",
+               "GraniteMoeHybridRMSNormGated")
 
 
-def _held_sections(config) -> dict[tuple[int, ...], set[int]]:
-    """Mamba 2: ``gate, xBC, dt = in_proj(x).split(...)`` and ``x, B, C = split(conv(xBC))``."""
-    if getattr(config, "model_type", "") != "mamba2":
-        return {}
-    inner = int(config.expand * config.hidden_size)
-    groups = config.n_groups * config.state_size
-    return {(inner, inner + 2 * groups, config.num_heads): {2}, (inner, groups, groups): {1, 2}}
+def _held_sections(model: nn.Module) -> dict[tuple[int, ...], set[int]]:
+    """Mamba 2 and the hybrids reusing its mixer: ``gate, xBC, dt = in_proj(x).split(...)`` and
+    ``x, B, C = split(conv(xBC))``; the sizes from the weights' shapes (a mixer: ``in_proj``,
+    ``conv1d``, a gated ``norm`` and a ``dt_bias`` per head)."""
+    sections: dict[tuple[int, ...], set[int]] = {}
+    for module in model.modules():
+        children = dict(module.named_children())
+        if not {"in_proj", "conv1d", "norm"} <= set(children) or not hasattr(module, "dt_bias"):
+            continue
+        inner = children["norm"].weight.shape[0]
+        conv = children["conv1d"].in_channels
+        heads = module.dt_bias.shape[0]
+        assert children["in_proj"].out_features == inner + conv + heads
+        groups = (conv - inner) // 2
+        sections[(inner, conv, heads)] = {2}
+        sections[(inner, groups, groups)] = {1, 2}
+    return sections
 
 
 class _SSMMode(gxi._Mode):
@@ -95,8 +107,7 @@ class ModifiedGradientTimesInputSSM:
                 module.forward = _gated_norm(module, self.attnlrp)
                 if module not in self.base.patched:
                     self.base.patched.append(module)
-        config = getattr(self.model, "config", None)
-        self.mode = _SSMMode(self.attnlrp, _held_sections(config))
+        self.mode = _SSMMode(self.attnlrp, _held_sections(self.model))
         self.base.mode = self.mode
         self.mode.__enter__()
         return self

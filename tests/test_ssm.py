@@ -71,10 +71,66 @@ def _qwen3_5():
     return tf.Qwen3_5ForCausalLM(config)
 
 
+def _eager(config, model_class):
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"  # grouped_mm takes no float64
+    return model_class(config)
+
+
+def _jamba():  # layer 0: Mamba mixer, layer 1: attention with a MoE
+    return _eager(tf.JambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=2, num_experts_per_tok=1,
+        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4), tf.JambaForCausalLM)
+
+
+_MAMBA2_HYBRID = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                      mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=4)
+
+
+def _bamba():
+    return _eager(tf.BambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, attn_layer_indices=[1], **_MAMBA2_HYBRID),
+        tf.BambaForCausalLM)
+
+
+def _granitemoehybrid():
+    return _eager(tf.GraniteMoeHybridConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+        num_experts_per_tok=1, shared_intermediate_size=16, layer_types=["mamba", "attention"],
+        **_MAMBA2_HYBRID), tf.GraniteMoeHybridForCausalLM)
+
+
+def _nemotron_h():  # Mamba 2 mixer, attention, MLP
+    return _eager(tf.NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, hybrid_override_pattern="M*-",
+        mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4,
+        expand=2, chunk_size=4), tf.NemotronHForCausalLM)
+
+
+def _zamba2():
+    return _eager(tf.Zamba2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, attention_head_dim=16, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, mamba_headdim=16, n_mamba_heads=4,
+        chunk_size=4, layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1],
+        use_mem_rope=False), tf.Zamba2ForCausalLM)
+
+
 BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
-            "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5}
+            "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5, "jamba": _jamba, "bamba": _bamba,
+            "granitemoehybrid": _granitemoehybrid, "nemotron_h": _nemotron_h, "zamba2": _zamba2}
 FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
-          "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next"}
+          "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next", "jamba": "jamba", "bamba": "bamba",
+          "granitemoehybrid": "granitemoehybrid", "nemotron_h": "nemotron_h", "zamba2": "zamba2"}
+#: how many mixers each model has, and whether they end in a gated norm
+MIXER_COUNT = {"qwen3_next": 1, "qwen3_5": 1, "jamba": 1, "bamba": 1, "granitemoehybrid": 1,
+               "nemotron_h": 1, "zamba2": 2}
+GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotron_h", "zamba2"}
 #: The stock modeling code computes parts of each layer in float32 whatever the model's dtype
 #: (Mamba's discretised input ``hidden_states.float()``, Mamba 2's chunked scan, the gated
 #: delta rule, the residual stream where ``residual_in_fp32``), so relevance passing there is
@@ -150,12 +206,12 @@ def test_family_is_found_and_mixers_are_held(name):
     with comp.context(model):
         model(inputs_embeds=x.requires_grad_(), use_cache=False)
         mixers = [m for m in model.modules() if isinstance(m, HeldParametersRule)]
-        assert len(mixers) == (1 if name.startswith("qwen3") else 2)
+        assert len(mixers) == MIXER_COUNT.get(name, 2)
         for mixer in mixers:
             children = mixer.child_rules()
             for held in mixer.held.children:
                 assert isinstance(children[held], StopRule)
-            if name in ("mamba2", "qwen3_next", "qwen3_5"):
+            if name in GATED:
                 assert isinstance(children["norm"], GatedNormRule)
                 assert children["norm"].hold_gate  # CP-LRP
 

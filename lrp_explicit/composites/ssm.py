@@ -1,4 +1,5 @@
-"""State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5.
+"""State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5,
+and the hybrids that reuse their mixers (Jamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid).
 
 The rules follow MambaLRP (Rezaei Jafari et al., NeurIPS 2024): the parameters a selective
 layer computes from its own input (the step Δ, B, C and with them the decay ``exp(Δ·A)``; the
@@ -52,7 +53,18 @@ MIXERS: dict[str, Held] = {
         Held(children=("x_proj",), why=_WHY_X_PROJ),
     "transformers.models.falcon_mamba.modeling_falcon_mamba:FalconMambaMixer":
         Held(children=("x_proj",), why=_WHY_X_PROJ),
+    "transformers.models.jamba.modeling_jamba:JambaMambaMixer":
+        Held(children=("x_proj",), why=_WHY_X_PROJ),
     "transformers.models.mamba2.modeling_mamba2:Mamba2Mixer":
+        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    # the hybrids reuse Mamba 2's mixer under their own class names
+    "transformers.models.bamba.modeling_bamba:BambaMixer":
+        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    "transformers.models.nemotron_h.modeling_nemotron_h:NemotronHMamba2Mixer":
+        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    "transformers.models.zamba2.modeling_zamba2:Zamba2MambaMixer":
+        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    "transformers.models.granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer":
         Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
     "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet":
         Held(children=("in_proj_ba",), outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}),
@@ -66,6 +78,10 @@ MIXERS: dict[str, Held] = {
 #: the modeling code, so the detector (which probes single-input modules) cannot find them.
 GATED_NORMS: tuple[str, ...] = (
     "transformers.models.mamba2.modeling_mamba2:Mamba2RMSNormGated",
+    "transformers.models.bamba.modeling_bamba:BambaRMSNormGated",
+    "transformers.models.nemotron_h.modeling_nemotron_h:NemotronHRMSNormGated",
+    "transformers.models.zamba2.modeling_zamba2:Zamba2RMSNormGated",
+    "transformers.models.granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridRMSNormGated",
     "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextRMSNormGated",
     "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5RMSNormGated",
 )
@@ -74,6 +90,12 @@ GATED_NORMS: tuple[str, ...] = (
 FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mamba": (("mamba", "falcon_mamba"), ("mamba", "falcon_mamba")),
     "mamba2": (("mamba2",), ("mamba2",)),
+    # hybrids: attention (and MoE) layers beside the mixers take the shared rules
+    "jamba": (("jamba",), ("jamba",)),
+    "bamba": (("bamba",), ("bamba",)),
+    "nemotron_h": (("nemotron_h",), ("nemotron_h",)),
+    "zamba2": (("zamba2",), ("zamba2",)),
+    "granitemoehybrid": (("granitemoehybrid",), ("granitemoehybrid",)),
     "qwen3_next": (("qwen3_next", "qwen3_5_text"), ("qwen3_next", "qwen3_5")),
 }
 
