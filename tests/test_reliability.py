@@ -240,3 +240,37 @@ def test_nan_rows_are_excluded_and_counted():
     assert ev.settings["excluded_rows"] == [0, 2] and "2 rows with NaN" in str(ev)
     with pytest.raises(ValueError, match="every row's relevance has NaN"):
         lrp_explicit.evaluate(rows[:1], truth="t")
+
+
+# ------------------------------------------------------------------------- views
+
+HOSTILE = ["Hi", " \x1b[2J", "\x1b]0;owned\x07", " \u202eevil", " ok"]
+
+
+def test_control_characters_never_reach_a_view(tmp_path):
+    """Medium: tokens holding terminal control sequences (clear screen, OSC title) reached the
+    terminal raw."""
+    e = record(HOSTILE, [0.5, -0.25, 1.0, 0.1, 0.0], 1.0, "next token '\x1b[31m'")
+    views = {"plain": e.to_terminal(color=False), "colour": e.to_terminal(color="truecolor"),
+             "html": e.to_html(), "latex": e.to_latex(),
+             "txt": e.save(tmp_path / "e.txt").read_text(encoding="utf-8")}
+    for name, text in views.items():
+        for raw in ("\x1b[2J", "\x1b]0;", "\x07", "\u202e", "\x1b[31m'"):
+            assert raw not in text, (name, raw)
+        shown = text.replace("\\textbackslash{}", "\\")  # LaTeX escapes the backslash
+        assert "\\x1b" in shown and "\\x07" in shown and "\\u202e" in shown, name
+    colour = views["colour"].replace("\\x1b", "")  # the escapes shown as text
+    assert all(code.startswith(("[", "]")) for code in colour.split("\x1b")[1:])
+
+
+def test_nan_relevance_is_shown_as_such():
+    """Medium: NaN relevance printed as +0.00, and all-NaN as 'min 0, max 0'."""
+    e = record(["a", "b", "c"], [1.0, float("nan"), float("-inf")], 1.0, "x")
+    plain = e.to_terminal(color=False)
+    assert "b(nan)" in plain and "c(-inf)" in plain and "a(+1.00)" in plain
+    assert "2 NaN or infinite" in plain
+    assert "nan" in e.to_terminal(color="truecolor") and "lrp-nonfinite" in e.to_html()
+    assert "nan" in e.to_latex()
+    nothing = record(["a", "b"], [float("nan"), float("nan")], 1.0, "x").to_terminal(
+        color=False)
+    assert "+0.00" not in nothing and "min 0" not in nothing and "no finite values" in nothing

@@ -5,6 +5,7 @@ import base64
 import html
 import io
 import itertools
+import math
 import json
 import secrets
 from typing import Any, Sequence
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from ._colours import (colours, hex_colour, ink_on, matrix_parts, normalise, number, ramp,
                        scale_of)
-from ._text import check_lengths, chunks, groups, label
+from ._text import check_lengths, chunks, groups, label, visible
 
 _PROCESS = secrets.token_hex(4)
 _COUNTER = itertools.count(1)
@@ -35,6 +36,8 @@ ROOT .lrp-label { opacity: .7; font-size: .8em; margin-top: .5em; }
 ROOT .lrp-text { font-size: 1.15em; line-height: 2; white-space: pre-wrap;
                  overflow-wrap: break-word; margin: .1em 0 .4em 0; }
 ROOT .lrp-tok { padding: .12em .06em; border-radius: .2em; cursor: default; }
+ROOT .lrp-nonfinite { background: repeating-linear-gradient(45deg, #d33 0 2px, transparent 2px
+                      6px); outline: 1px dashed #d33; }
 ROOT .lrp-tok:hover, ROOT td.lrp-cell:hover { outline: 2px solid currentColor; }
 ROOT .lrp-value { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: .8em;
                   opacity: .8; min-height: 1.3em; margin-top: .2em; }
@@ -80,9 +83,10 @@ def _style(uid: str, cmap: Any) -> str:
 
 def _head(uid: str, title: str, subtitle: str | None, cmap: Any, kind: str) -> list[str]:
     parts = [f'<div class="lrp-heatmap lrp-{kind}" id="{uid}">', _style(uid, cmap),
-             f'<div class="lrp-title">{html.escape(title)}</div>']
+             f'<div class="lrp-title">{html.escape(visible(title, lines=False))}</div>']
     if subtitle:
-        parts.append(f'<div class="lrp-meta">{html.escape(subtitle)}</div>')
+        parts.append(f'<div class="lrp-meta">{html.escape(visible(subtitle, lines=False))}'
+                     '</div>')
     return parts
 
 
@@ -151,7 +155,11 @@ def html_fragment(tokens: Sequence[str] | None, relevance: Tensor, title: str, *
                 value, v = flat_r[i], flat_v[i]
                 style = "" if v == 0 else \
                     f' style="background:{hex_colour(rgb[i])};color:{hex_colour(ink_on(rgb[i]))}"'
-                attrs = (f'class="lrp-tok"{style} title="{value:+.4g} ({v:+.2f})" '
+                finite = math.isfinite(value)
+                kind = "lrp-tok" if finite else "lrp-tok lrp-nonfinite"
+                shown = f"{value:+.4g} ({v:+.2f})" if finite else \
+                    ("nan" if value != value else f"{value:+}") + " (not finite)"
+                attrs = (f'class="{kind}"{style} title="{shown}" '
                          f'data-label="{html.escape(label(tokens[i]))}" '
                          f'data-relevance="{value!r}" data-normalised="{v:.6f}"')
                 for chunk in chunks(tokens[i]):

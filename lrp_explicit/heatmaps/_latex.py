@@ -1,6 +1,7 @@
 """LaTeX: a cropped ``standalone`` document with coloured boxes, and its compilation to PDF."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -8,12 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from ..errors import RenderError
 from ..tokens import NEWLINE_MARK
 from ._colours import colours, ink_on, normalise, ramp, scale_of
-from ._text import check_lengths, chunks, groups
+from ._text import check_lengths, chunks, groups, visible
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&",
                   "#": r"\#", "^": r"\textasciicircum{}", "_": r"\_", "%": r"\%",
@@ -74,6 +76,7 @@ def latex(tokens: Sequence[str], relevance: Tensor, title: str, *,
     check_lengths(tokens, norm.numel())
     rgb = colours(norm, cmap).tolist()
     flat = norm.tolist()
+    raw = relevance.detach().to("cpu", torch.float64).reshape(-1).tolist()
     body = []
     for group in groups(len(tokens), segments):
         boxes = []
@@ -90,6 +93,9 @@ def latex(tokens: Sequence[str], relevance: Tensor, title: str, *,
                                  f"{{{fr},{fg},{fb}}}{{\\strut {text}}}}}")
                 elif chunk.body:
                     boxes.append(f"\\zerotok{{{text}}}")
+                if chunk.body and not math.isfinite(raw[i]):  # never shown as zero
+                    shown = "nan" if raw[i] != raw[i] else f"{raw[i]:+}"
+                    boxes.append(f"\\textsuperscript{{\\textcolor{{red}}{{{shown}}}}}")
                 if chunk.newline:
                     boxes.append("\\newline\n")
         body.append("".join(boxes) + "\\par\\medskip")
@@ -107,9 +113,10 @@ def latex(tokens: Sequence[str], relevance: Tensor, title: str, *,
             r"\newcommand{\zerotok}[1]{\hspace{\fboxsep}\strut #1\hspace{\fboxsep}}",
             r"\begin{document}",
             r"\raggedright",
-            r"\textbf{" + latex_escape(title) + r"}\par"]
+            r"\textbf{" + latex_escape(visible(title, lines=False)) + r"}\par"]
     if subtitle:
-        head.append(r"{\small\color{darkgray}" + latex_escape(subtitle) + r"}\par")
+        head.append(r"{\small\color{darkgray}" + latex_escape(visible(subtitle, lines=False))
+                    + r"}\par")
     head.append(r"\medskip")
     return "\n".join([
         *head, *body,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._colours import RGB, colours, ink_on, matrix_parts, normalise, number, ramp, scale_of
-from ._text import check_lengths, chunks, groups, label
+from ._text import check_lengths, chunks, groups, label, visible
 
 #: ``color=`` values naming a colour system, as rich names them.
 COLOR_SYSTEMS = ("truecolor", "256", "standard")
@@ -138,12 +139,16 @@ def _scale_line(scale: float, data: Tensor, painter: _Painter, cmap: Any, width:
     from rich.text import Text
 
     d = data.detach().to("cpu", torch.float64)
-    d = d[torch.isfinite(d)]
-    lo, hi = (float(d.min()), float(d.max())) if d.numel() else (0.0, 0.0)
+    finite = torch.isfinite(d)
+    bad = int((~finite).sum())
+    d = d[finite]
+    span = f"min {float(d.min()):.4g}, max {float(d.max()):.4g}" if d.numel() \
+        else "no finite values"
+    if bad:
+        span += f"; {bad} NaN or infinite (shown as such, not coloured)"
     text = Text()
     if painter.system is None:
-        text.append(f"(values: {what} / {scale:.4g}, the largest |{what}|; min {lo:.4g}, "
-                    f"max {hi:.4g})")
+        text.append(f"(values: {what} / {scale:.4g}, the largest |{what}|; {span})")
         return text
     left, right = number(-scale), number(scale)
     cells = max(8, min(32, width - len(left) - len(right) - 4 - 30))
@@ -152,7 +157,7 @@ def _scale_line(scale: float, data: Tensor, painter: _Painter, cmap: Any, width:
     for rgb in ramp(cmap, cells):
         text.append(" ", Style(bgcolor=painter.colour(rgb)[0]))
     text.append(" " + right)
-    text.append(f"  {what}: min {lo:.4g}, max {hi:.4g}", Style(dim=True))
+    text.append(f"  {what}: {span}", Style(dim=True))
     return text
 
 
@@ -209,11 +214,12 @@ def terminal(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
     system, width = resolve(color, width)
     painter = _Painter(system)
     norm = normalise(relevance)
-    out: list[Any] = [Text(title, Style(bold=True))]
+    out: list[Any] = [Text(visible(title, lines=False), Style(bold=True))]
     if tokens is None:
         out += _image(norm, painter, cmap, width)
     else:
         flat = norm.reshape(-1).tolist()
+        raw = relevance.detach().to("cpu", torch.float64).reshape(-1).tolist()
         check_lengths(tokens, len(flat))
         rgb = colours(norm.reshape(-1), cmap).tolist()
         for group in groups(len(tokens), segments):
@@ -231,7 +237,10 @@ def terminal(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
                         body = "␣" * len(body)
                     if body:
                         text.append(body, style)
-                    if system is None and k == last:
+                    if not math.isfinite(raw[i]) and k == last:  # never shown as zero
+                        shown = "nan" if raw[i] != raw[i] else f"{raw[i]:+}"
+                        text.append(f"({shown})", Style(bold=True) if system else None)
+                    elif system is None and k == last:
                         text.append(f"({v:+.2f})")
                     if chunk.newline:
                         text.append("\n")
@@ -307,7 +316,7 @@ def matrix_terminal(rows: Sequence[str], columns: Sequence[str], matrix: Tensor,
     rgb = colours(norm, cmap).tolist()
     side = min(16, max([len(label(c)) for c in columns] + [7]), width // 3)
     per_block = max(1, (width - side - 1) // 7)
-    out: list[Any] = [Text(title, Style(bold=True))]
+    out: list[Any] = [Text(visible(title, lines=False), Style(bold=True))]
     for start in range(0, max(1, len(rows)), per_block):
         block = range(start, min(len(rows), start + per_block))
         table = Table(box=None, pad_edge=False, padding=(0, 1), show_edge=False,

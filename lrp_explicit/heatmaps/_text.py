@@ -1,6 +1,7 @@
 """Display pieces → what a renderer draws: whitespace (unpainted), the painted body, line breaks."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,13 +22,36 @@ class Chunk:
     newline: bool
 
 
+#: Control characters (C0 but tab and line breaks, DEL, C1) and the bidirectional formatting
+#: characters: a token holding them could move the cursor, clear or retitle a terminal, or
+#: reorder what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e"
+                      "\u2066-\u2069]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str, lines: bool = True) -> str:
+    """``text`` with control characters shown as escapes (``"\\x1b"`` → ``\\x1b``), so that no
+    token reaches a terminal, page or document as a control sequence; with ``lines=False``
+    also tabs and line breaks (one-line labels and titles)."""
+    text = _CONTROL.sub(_escape, str(text))
+    if not lines:
+        text = text.replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+    return text
+
+
 def chunks(piece: str) -> list[Chunk]:
     """Split a display piece (leading whitespace included, ``"\\n"`` possible) into chunks.
 
     A piece of whitespace only (no newline) keeps it as its painted body, so that the token
-    still shows; an empty piece gives one empty chunk.
+    still shows; an empty piece gives one empty chunk. Control characters are shown as
+    escapes (:func:`visible`).
     """
-    piece = str(piece).replace("\r\n", "\n").replace("\r", "\n")
+    piece = visible(piece).replace("\r\n", "\n").replace("\r", "\n")
     parts = piece.split("\n")
     out = []
     for k, part in enumerate(parts):
@@ -62,7 +86,8 @@ def label(piece: str, limit: int | None = None) -> str:
     """A piece as a one-line label (rows and columns of a matrix): whitespace at the ends
     removed, newlines as :data:`NEWLINE_MARK`, whitespace-only as ``␣``; cut to ``limit``
     characters with ``…``."""
-    text = str(piece).replace("\r\n", "\n").replace("\n", NEWLINE_MARK).replace("\t", " ")
+    text = visible(piece).replace("\r\n", "\n").replace("\r", "\n").replace(
+        "\n", NEWLINE_MARK).replace("\t", " ")
     text = text.strip(" ") or ("␣" if piece else "∅")
     if limit is not None and len(text) > limit:
         text = text[:max(1, limit - 1)] + "…"
