@@ -61,8 +61,11 @@ def test_every_head_is_found_and_runs_exactly(head):
     leaves = {"inputs_embeds": embeds(model, ids(7, 1))}
     if head is not tf.T5EncoderModel:
         leaves["decoder_inputs_embeds"] = embeds(model, ids(5, 2))
-    with torch.no_grad():  # (with grad, the stock sdpa path sees a bias that requires grad)
-        plain = model(**leaves)[0]
+    # the plain forward with grad and without: on sdpa they differ (with grad the learned
+    # position bias, the additive mask, requires grad, and PyTorch takes its math kernel)
+    plain = model(**{k: v.clone().requires_grad_() for k, v in leaves.items()})[0].detach()
+    with torch.no_grad():
+        plain_no_grad = model(**leaves)[0]
     for variant in VARIANTS:
         comp = composites.get(variant, model, strict=True)
         with comp.context(model):
@@ -71,9 +74,11 @@ def test_every_head_is_found_and_runs_exactly(head):
             out = model(**{k: v.clone().requires_grad_() for k, v in leaves.items()})[0]
             assert torch.equal(out, plain), f"{head.__name__} {variant}"
             out.sum().backward()
+            with torch.no_grad():
+                assert torch.equal(model(**leaves)[0], plain_no_grad), head.__name__
         assert not comp.unruled
     with torch.no_grad():
-        assert torch.equal(model(**leaves)[0], plain)
+        assert torch.equal(model(**leaves)[0], plain_no_grad)
 
 
 CASES = [("flan-t5", "eager"), ("flan-t5", "sdpa"), ("t5", "eager"), ("t5", "sdpa")]
@@ -86,9 +91,8 @@ def test_equivalence_with_modified_gradient_x_input(kind, attn, variant):
     leaves = {"inputs_embeds": embeds(model, ids(7, 1, 2)),
               "decoder_inputs_embeds": embeds(model, ids(5, 2, 2))}
     got, output = explain(model, leaves, variant, last_logit)
-    with torch.no_grad():
-        plain = model(**leaves).logits
-    assert torch.equal(output.logits.detach(), plain)
+    plain = model(**{k: v.clone().requires_grad_() for k, v in leaves.items()}).logits
+    assert torch.equal(output.logits.detach(), plain.detach())  # the plain forward with grad
     reference = reference_relevances(model, variant, leaves, last_logit)
     for key in leaves:  # relevance reaches the encoder's input and the earlier decoder tokens
         assert torch.isfinite(got[key]).all()
@@ -114,19 +118,21 @@ def test_layer_norm_rule_would_be_wrong_for_t5_layer_norm():
 
 
 def test_position_bias_is_a_constant_and_cp_lrp_conserves():
-    """The relative position bias is computed from frozen weights: no relevance enters it. T5
-    has no biases, and CP-LRP holds the scores (where the position bias goes) constant, so the
-    relevance of the encoder and decoder inputs sums to the logit."""
+    """The relative position bias is computed from frozen weights: no relevance enters it (it
+    requires grad, as in the plain forward, so that sdpa takes the same kernel, but receives
+    none). T5 has no biases, and CP-LRP holds the scores (where the position bias goes)
+    constant, so the relevance of the encoder and decoder inputs sums to the logit."""
     model = build(attn="sdpa")
     seen = []
-    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
+    handles = [m.register_forward_hook(lambda mod, args, out: seen.append(out))
                for n, m in model.named_modules() if n.endswith("relative_attention_bias")]
     leaves = {"inputs_embeds": embeds(model, ids(7, 1, 2)),
               "decoder_inputs_embeds": embeds(model, ids(5, 2, 2))}
     got, output = explain(model, leaves, "cp-lrp", last_logit)
     for h in handles:
         h.remove()
-    assert seen and not any(seen)
+    assert seen and all(out.requires_grad and out.grad_fn is None for out in seen)
+    assert all(out.grad is None for out in seen)
     assert all(p.grad is None for p in model.parameters())
     total = got["inputs_embeds"].sum((1, 2)) + got["decoder_inputs_embeds"].sum((1, 2))
     y = last_logit(output).detach()
