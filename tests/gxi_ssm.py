@@ -26,7 +26,7 @@ SPLITS = {torch.split, T.split}
 HELD_CHILDREN = ("x_proj", "in_proj_ba", "in_proj_b", "in_proj_a")
 GATED_NORMS = ("Mamba2RMSNormGated", "Qwen3NextRMSNormGated", "Qwen3_5RMSNormGated",
                "BambaRMSNormGated", "NemotronHRMSNormGated", "Zamba2RMSNormGated",
-               "GraniteMoeHybridRMSNormGated")
+               "GraniteMoeHybridRMSNormGated", "FalconH1RMSNormGated")
 
 
 def _held_sections(model: nn.Module) -> dict[tuple[int, ...], set[int]]:

@@ -121,16 +121,26 @@ def _zamba2():
         use_mem_rope=False), tf.Zamba2ForCausalLM)
 
 
+def _falcon_h1():  # µP multipliers on in_proj's sections; a gated norm (mamba_rms_norm)
+    return _eager(tf.FalconH1Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, mamba_d_ssm=64,
+        mamba_rms_norm=True, **_MAMBA2_HYBRID), tf.FalconH1ForCausalLM)
+
+
 BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
             "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5, "jamba": _jamba, "bamba": _bamba,
-            "granitemoehybrid": _granitemoehybrid, "nemotron_h": _nemotron_h, "zamba2": _zamba2}
+            "granitemoehybrid": _granitemoehybrid, "nemotron_h": _nemotron_h, "zamba2": _zamba2,
+            "falcon_h1": _falcon_h1}
 FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
           "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next", "jamba": "jamba", "bamba": "bamba",
-          "granitemoehybrid": "granitemoehybrid", "nemotron_h": "nemotron_h", "zamba2": "zamba2"}
+          "granitemoehybrid": "granitemoehybrid", "nemotron_h": "nemotron_h", "zamba2": "zamba2",
+          "falcon_h1": "falcon_h1"}
 #: how many mixers each model has, and whether they end in a gated norm
 MIXER_COUNT = {"qwen3_next": 1, "qwen3_5": 1, "jamba": 1, "bamba": 1, "granitemoehybrid": 1,
                "nemotron_h": 1, "zamba2": 2}
-GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotron_h", "zamba2"}
+GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotron_h", "zamba2",
+         "falcon_h1"}
 #: The stock modeling code computes parts of each layer in float32 whatever the model's dtype
 #: (Mamba's discretised input ``hidden_states.float()``, Mamba 2's chunked scan, the gated
 #: delta rule, the residual stream where ``residual_in_fp32``), so relevance passing there is

@@ -1,5 +1,6 @@
 """State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5,
-and the hybrids that reuse their mixers (Jamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid).
+and the hybrids that reuse their mixers (Jamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid,
+Falcon-H1).
 
 The rules follow MambaLRP (Rezaei Jafari et al., NeurIPS 2024): the parameters a selective
 layer computes from its own input (the step Δ, B, C and with them the decay ``exp(Δ·A)``; the
@@ -66,6 +67,8 @@ MIXERS: dict[str, Held] = {
         Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
     "transformers.models.granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer":
         Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    "transformers.models.falcon_h1.modeling_falcon_h1:FalconH1Mixer":
+        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
     "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet":
         Held(children=("in_proj_ba",), outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}),
              why=_WHY_DELTA),
@@ -82,6 +85,7 @@ GATED_NORMS: tuple[str, ...] = (
     "transformers.models.nemotron_h.modeling_nemotron_h:NemotronHRMSNormGated",
     "transformers.models.zamba2.modeling_zamba2:Zamba2RMSNormGated",
     "transformers.models.granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridRMSNormGated",
+    "transformers.models.falcon_h1.modeling_falcon_h1:FalconH1RMSNormGated",
     "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextRMSNormGated",
     "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5RMSNormGated",
 )
@@ -96,6 +100,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "nemotron_h": (("nemotron_h",), ("nemotron_h",)),
     "zamba2": (("zamba2",), ("zamba2",)),
     "granitemoehybrid": (("granitemoehybrid",), ("granitemoehybrid",)),
+    "falcon_h1": (("falcon_h1",), ("falcon_h1",)),
     "qwen3_next": (("qwen3_next", "qwen3_5_text"), ("qwen3_next", "qwen3_5")),
 }
 
