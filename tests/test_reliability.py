@@ -274,3 +274,26 @@ def test_nan_relevance_is_shown_as_such():
     nothing = record(["a", "b"], [float("nan"), float("nan")], 1.0, "x").to_terminal(
         color=False)
     assert "+0.00" not in nothing and "min 0" not in nothing and "no finite values" in nothing
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+def test_plain_model_on_features_gets_relevance_per_feature():
+    """Medium: nn.Sequential on a (1, 6) float input got one relevance for all six features;
+    a (6,) input raised an IndexError. Without biases, ε-LRP of a ReLU network is gradient ×
+    input (up to ε): one value per feature."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 3, bias=False)).double()
+    x = torch.randn(1, 6, dtype=torch.float64)
+    e = lrp_explicit.explain(model, x, target=1)
+    leaf = x.clone().requires_grad_()
+    model(leaf)[0, 1].backward()
+    expected = (leaf.grad * x)[0]
+    assert e.relevance.shape == (6,) and len(e.tokens) == 6
+    assert torch.allclose(e.relevance, expected, rtol=1e-9, atol=1e-12)
+    assert e.relevance.sum().item() == pytest.approx(e.score, rel=1e-9)
+    with pytest.raises(lrp_explicit.errors.InputError,
+                       match=r"shape \(6,\) has no batch dimension; give \(batch, features\)"):
+        lrp_explicit.explain(model, x[0], target=1)

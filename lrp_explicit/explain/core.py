@@ -443,8 +443,11 @@ def _logit(logits: Tensor, into: Tensor, s: _Sample, task: str | None, tokenizer
 
 
 def _per_position(grad: Tensor) -> Tensor:
-    """Relevance per token (summed over the hidden size) or per pixel (over the channels)."""
+    """Relevance per token (summed over the hidden size), per pixel (over the channels), or
+    per feature of a plain model's ``(1, features)`` input."""
     g = grad.detach()
+    if g.dim() == 2 and g.shape[0] == 1:  # one sample of features: nothing to sum over
+        return g[0].cpu()
     g = g[0] if g.dim() in (3, 4) and g.shape[0] == 1 else g
     return (g.sum(0) if g.dim() == 3 and grad.dim() == 4 else g.sum(-1)).cpu()
 

@@ -388,6 +388,10 @@ def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
         if not hf:
             if inputs.numel() == 0:
                 raise InputError("inputs is empty")
+            if inputs.dim() < 2:
+                raise InputError(f"a float input of shape {tuple(inputs.shape)} has no batch "
+                                 "dimension; give (batch, features), e.g. inputs[None] for one "
+                                 "sample")
             return Prepared({POSITIONAL: make_leaf(inputs, _device(model))})
         key = "pixel_values" if task == "image-classification" or inputs.dim() == 4 \
             else "inputs_embeds"
