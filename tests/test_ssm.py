@@ -16,14 +16,13 @@ import warnings
 import pytest
 import torch
 import transformers as tf
-from torch.overrides import TorchFunctionMode
 
 import lrp_explicit
 from lrp_explicit import composites
 from lrp_explicit.audit.bias import zero_bias
 from lrp_explicit.rules import StopRule
 from lrp_explicit.rules.ssm import GatedNormRule, HeldParametersRule
-from gxi_ssm import reference_relevance
+from gxi_ssm import Float64Inside, reference_relevance
 
 VARIANTS = ["attnlrp", "cp-lrp"]
 VOCAB = 61
@@ -148,20 +147,6 @@ GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotr
 #: conservation of the stock models is bounded by that, exact conservation is shown with those
 #: casts kept in float64 (:class:`Float64Inside`).
 STOCK_CONSERVATION = 1e-6
-
-
-class Float64Inside(TorchFunctionMode):
-    """Test-only: ``.float()`` and ``.to(torch.float32)`` of float64 tensors return them as
-    they are, so the whole model runs in float64. Entered before the composite's op dispatch,
-    it sits below it and sees the casts after the rules."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.Tensor.float, torch.Tensor.to) and args[0].dtype == torch.float64:
-            if func is torch.Tensor.float or torch.float32 in args[1:] \
-                    or kwargs.get("dtype") is torch.float32:
-                return args[0] if not kwargs.get("copy") else args[0].clone()
-        return func(*args, **kwargs)
 
 
 #: The ε of the ε-rules moves relevance by about ε/|z| where a sum z comes near zero; in this
