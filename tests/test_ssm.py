@@ -265,7 +265,7 @@ def test_generic_composite_does_not_hold_the_parameters(name):
     assert relative_error(generic, reference) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["mamba", "mamba2", "qwen3_next"])
+@pytest.mark.parametrize("name", list(BUILDERS))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_check_is_clean_in_strict_mode(name, variant):
     model = build(name)
