@@ -26,10 +26,11 @@ passes every call through unchanged and the next module entry of that thread cle
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -37,11 +38,12 @@ from torch.nn.modules import module as _module_mod
 from torch.overrides import TorchFunctionMode
 
 from .errors import CompositeError, UnruledOpError, UnruledOpWarning
-from .ops import OP_NAMES, PASS_THROUGH, Handler, NoRule
+from .functional import preserve_saved
+from .ops import INPLACE, OP_NAMES, PASS_THROUGH, Handler, NoRule
 
 __all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
            "unbind", "enter", "leave", "hooks_installed", "warn_unruled", "owner", "depth",
-           "unwind", "drop", "TRUSTED_FUNCTION_MODULES"]
+           "unwind", "drop", "transparent", "TRUSTED_FUNCTION_MODULES"]
 
 
 class RuleSource(Protocol):
@@ -135,10 +137,63 @@ _hook_handles: list = []
 TRUSTED_FUNCTION_MODULES = ("torch", "lrp_explicit", "zennit")
 _SEEN_ATTR = "_lrp_seen"  # set on a foreign Function's backward node once seen
 _foreign_names: dict[type, str | None] = {}  # node type -> "<Function>.apply" or None
+_elementwise: dict[type, bool] = {}  # foreign node type -> proven element-wise
+_PROBE_MASKS = 3  # random halves (and their complements) changed by the locality probe
 
 
-def _foreign_name(tensor: torch.Tensor) -> str | None:
-    """``"<Function>.apply"`` if ``tensor`` was made by a foreign autograd Function not yet seen."""
+def _is_elementwise(cls: type, like: torch.Tensor) -> bool:
+    """True if the autograd Function ``cls`` is proven element-wise on tensors like ``like``.
+
+    Probed once per Function without gradients, on positive random inputs of ``like``'s shape,
+    dtype and device: ``cls.apply(x)`` must take the one tensor and return a tensor of its
+    shape, and each output element must depend on its own input element only: changing a
+    random half of the inputs (then the other half, three times over) leaves the outputs of
+    the unchanged half bit for bit as they were. A Function that needs other arguments, mixes
+    elements (a reduction, a softmax, a shift) or fails is not element-wise.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def sample() -> torch.Tensor:
+        return (torch.rand(like.shape, generator=generator, dtype=torch.float64) + 0.5).to(
+            device=like.device, dtype=like.dtype)
+
+    try:
+        with torch.no_grad():
+            x = sample()
+            y = cls.apply(x)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                return False
+            for _ in range(_PROBE_MASKS):
+                half = torch.rand(x.shape, generator=generator) < 0.5
+                for changed in (half, ~half):
+                    moved = cls.apply(torch.where(changed.to(x.device), sample(), x))
+                    kept = ~changed.to(x.device)
+                    if not torch.equal(moved[kept].nan_to_num(), y[kept].nan_to_num()):
+                        return False
+    except Exception:  # noqa: BLE001 - any failure means "not proven element-wise"
+        return False
+    return True
+
+
+def _identity_hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple | None:
+    """Backward hook of an element-wise foreign Function: the identity rule ``R_x = R``."""
+    if len(grad_inputs) != 1 or len(grad_outputs) != 1:
+        return None
+    (grad_input,), (grad_output,) = grad_inputs, grad_outputs
+    if grad_input is None or grad_output is None or grad_output.shape != grad_input.shape:
+        return None
+    return (grad_output.to(grad_input.dtype),)
+
+
+def _foreign_name(tensor: torch.Tensor, rule: bool = True) -> str | None:
+    """``"<Function>.apply"`` if ``tensor`` was made by a foreign autograd Function not yet seen.
+
+    A foreign Function with one tensor input that is proven element-wise
+    (:func:`_is_elementwise`, e.g. BLOOM's ``GeLUFunction``, RecurrentGemma's
+    ``SqrtBoundDerivative``) gets the identity rule instead (unless ``rule`` is False: the
+    output of a module rule, whose Functions are the rule): a hook on its backward node
+    replaces the input gradient it computes by the relevance at its output.
+    """
     node = tensor.grad_fn
     if node is None:
         return None
@@ -153,6 +208,13 @@ def _foreign_name(tensor: torch.Tensor) -> str | None:
     if name is None or getattr(node, _SEEN_ATTR, False):
         return None
     setattr(node, _SEEN_ATTR, True)
+    if rule and len(node.next_functions) == 1:
+        proven = _elementwise.get(kind)
+        if proven is None:
+            proven = _elementwise[kind] = _is_elementwise(kind._forward_cls, tensor)
+        if proven:
+            node.register_hook(_identity_hook)
+            return None
     return name
 
 
@@ -177,7 +239,7 @@ def _report_foreign(composite: "RuleSource", values: Any, path: str,
             node = value.grad_fn
             if node is None or _foreign_names.get(type(node), "") is None:
                 continue  # a leaf, or a node of a trusted Function (the common case)
-            name = _foreign_name(value)
+            name = _foreign_name(value, rule=not trusted)
             if name is not None and not trusted:
                 composite.report_unruled(name, path)
         elif isinstance(value, (tuple, list)):
@@ -219,6 +281,9 @@ class RuleMode(TorchFunctionMode):
         on = _report_foreign(composite, args, path)
         if kwargs:
             on = _report_foreign(composite, kwargs, path) or on
+        if on and func in INPLACE and isinstance(args[0], torch.Tensor) \
+                and args[0].requires_grad:
+            preserve_saved(args[0])  # a rule may have saved the tensor this op changes
         if func in PASS_THROUGH:
             return func(*args, **kwargs)
         name = OP_NAMES.get(func)
@@ -353,6 +418,26 @@ def _post_hook(module, args, output):
             rule = composite.make_rule(frame.rule_factory, module) if composite \
                 else frame.rule_factory(module)
             return rule.forward(*args)
+
+
+@contextlib.contextmanager
+def transparent(rule: nn.Module) -> Iterator[None]:
+    """Inside the module rule ``rule`` (whose inside the dispatch otherwise leaves alone): give
+    the calls of the code run in this block the op rules of ``rule``'s composite, as if the
+    wrapped module had no module rule. For a module the rule cannot take as a whole (an
+    ``nn.Linear`` subclass with a forward of its own, e.g. an MoE router that returns scores
+    and logits), so that each of its functional calls gets its own rule or is reported."""
+    entry = _modules.get(id(rule))
+    if entry is None or not torch.is_grad_enabled():
+        yield
+        return
+    frame = _Frame(rule, entry.source, entry.path, token=entry.token)
+    _push(frame)
+    try:
+        yield
+    finally:
+        if _state.frames and _state.frames[-1] is frame:
+            _pop()
 
 
 def enter(composite: "RuleSource", path: str) -> None:

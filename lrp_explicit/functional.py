@@ -165,6 +165,89 @@ def _needs(ctx, index: int) -> bool:
     return ctx.needs_input_grad[index]
 
 
+#: Attribute of a rule's backward node holding copies of its saved tensors, made by
+#: :func:`preserve_saved` before an in-place update would change them.
+_PRESERVED = "_lrp_saved"
+
+
+def _saved(ctx) -> tuple:
+    """The tensors ``ctx`` saved: the copies :func:`preserve_saved` made, if any."""
+    saved = getattr(ctx, _PRESERVED, None)
+    return ctx.saved_tensors if saved is None else saved
+
+
+def writable(t: Tensor) -> bool:
+    """False if autograd refuses an in-place update of the relevance-path tensor ``t``: a leaf
+    that requires grad (the explained input itself), a view of one, or a view made where
+    in-place updates of it are forbidden (inside a custom Function, under no-grad)."""
+    if t.is_leaf:
+        return not t.requires_grad
+    base = t._base
+    if base is None:
+        return True
+    if base.is_leaf and base.requires_grad:
+        return False
+    return _creation_meta is None or _creation_meta(t) == _DEFAULT_CREATION
+
+
+_creation_meta = getattr(torch._C._autograd, "_get_creation_meta", None)
+_DEFAULT_CREATION = getattr(getattr(torch._C._autograd, "CreationMeta", None), "DEFAULT", None)
+
+
+class AliasFunction(torch.autograd.Function):
+    """``t`` again: a new tensor that shares ``t``'s storage and version counter but is no
+    view, so code may update it in place exactly where it may update ``t``; the relevance
+    passes unchanged. Observers (the audit's ledger) hand these to the model in place of
+    module inputs and outputs: a tensor hook on one sees the relevance of the value it had,
+    also after an in-place update (on a view it would not fire at all)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.detach()
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return relevance
+
+
+def alias(t: Tensor) -> Tensor:
+    """An alias of ``t`` for observers (:class:`AliasFunction`); a tensor that autograd does
+    not let code update in place (a leaf that requires grad, see :func:`writable`) gets a
+    view, which keeps that protection."""
+    return AliasFunction.apply(t) if writable(t) else t.view_as(t)
+
+
+def preserve_saved(t: Tensor) -> None:
+    """Keep what a rule saved before ``t`` is updated in place.
+
+    Several rules save their output for the backward (ε-linear, LayerNorm, RMSNorm, ε-sums …);
+    modeling code may update that output in place afterwards (``out += residual`` in Falcon,
+    ``tensor *= mask`` in XLM), which autograd reports as a modified saved tensor. Called by the
+    dispatch before every in-place op on the relevance path, this copies, once, the tensors
+    the producer of ``t`` (the rule whose output ``t`` is, or is a view of) saved and that
+    share ``t``'s storage; the rule's backward reads the copies. Nothing is copied unless such
+    an update happens, so the common path pays one attribute lookup per in-place op.
+    """
+    base = t._base if t._base is not None else t
+    node = base.grad_fn
+    while node is not None and getattr(type(node), "_forward_cls", None) is AliasFunction:
+        node = node.next_functions[0][0]  # an alias shares the storage of what it aliases
+    if node is None or getattr(node, _PRESERVED, None) is not None:
+        return
+    cls = getattr(type(node), "_forward_cls", None)
+    if cls is None or not (getattr(cls, "__module__", None) or "").startswith("lrp_explicit"):
+        return
+    try:
+        saved = node.saved_tensors
+    except RuntimeError:  # already modified (an update the dispatch did not see) or freed
+        return
+    ptr = base.untyped_storage().data_ptr()
+    shared = [s is not None and s.untyped_storage().data_ptr() == ptr for s in saved]
+    if any(shared):
+        setattr(node, _PRESERVED,
+                tuple(s.clone() if same else s for s, same in zip(saved, shared)))
+
+
 # --------------------------------------------------------------------------------------------
 # ε-rule for affine maps and the uniform-ε rule for products of two relevance-path operands
 # --------------------------------------------------------------------------------------------
@@ -223,7 +306,7 @@ class MatmulUniformFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
-        a, b = ctx.saved_tensors
+        a, b = _saved(ctx)
         g = _divide(relevance, ctx.op(a, b), ctx.epsilon)
         return (*_product_relevance(a, b, g, _needs(ctx, 0), _needs(ctx, 1)), None, None)
 
@@ -256,7 +339,7 @@ class LinearEpsilonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
-        x, weight, bias, z = ctx.saved_tensors
+        x, weight, bias, z = _saved(ctx)
         g = _divide(relevance, z, ctx.epsilon).to(x.dtype)
         r_x, r_wt = _product_relevance(x, weight.mT, g, _needs(ctx, 0), _needs(ctx, 1))
         r_b = _sum_to(bias * g, bias) if _needs(ctx, 2) else None
@@ -292,7 +375,7 @@ class AddmmEpsilonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        c, m1, m2, z = ctx.saved_tensors
+        c, m1, m2, z = _saved(ctx)
         g = _divide(relevance, z, ctx.epsilon).to(m1.dtype)
         r_1, r_2 = _product_relevance(m1, m2, g, _needs(ctx, 1), _needs(ctx, 2), ctx.alpha)
         r_c = _sum_to(c * g * ctx.beta, c) if _needs(ctx, 0) else None
@@ -329,7 +412,7 @@ class BilinearUniformFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        z, *inputs = ctx.saved_tensors
+        z, *inputs = _saved(ctx)
         needs = ctx.needs_input_grad[2:]
         count = sum(needs)
         g = _divide(relevance, z, ctx.epsilon).to(z.dtype)
@@ -383,7 +466,7 @@ class AddEpsilonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        a, b = ctx.saved_tensors
+        a, b = _saved(ctx)
         if ctx.half:
             a32, b32 = a.float() * ctx.coef_a, b.float() * ctx.coef_b
             g = _divide(relevance.float(), a32 + b32, ctx.epsilon)
@@ -485,7 +568,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        x, s = ctx.saved_tensors
+        x, s = _saved(ctx)
         return _softmax_relevance(x, s, relevance, ctx.dim), None, None
 
 
@@ -542,7 +625,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        q, k, v, mask, out = ctx.saved_tensors
+        q, k, v, mask, out = _saved(ctx)
         need_q, need_k, need_v = _needs(ctx, 0), _needs(ctx, 1), _needs(ctx, 2)
         if ctx.hold:
             need_q = need_k = False
@@ -698,7 +781,7 @@ class FusedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        q, k, v = ctx.saved_tensors
+        q, k, v = _saved(ctx)
         leaves, out, need = ctx.graph
         del ctx.graph
         if not out.requires_grad or not any(need):
@@ -785,7 +868,7 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        x, weight, y = ctx.saved_tensors
+        x, weight, y = _saved(ctx)
         dims, dtype = ctx.dims, x.dtype
         x, y, relevance = _accurate(x), _accurate(y), _accurate(relevance)
         var = x.var(dim=dims, unbiased=False, keepdim=True)
@@ -824,7 +907,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        (y,) = ctx.saved_tensors
+        (y,) = _saved(ctx)
         r_x = _ratio(y, ctx.epsilon).mul_(relevance)  # R ⊙ y ⊘ s(y)
         return r_x.to(ctx.dtype), None, None
 
@@ -898,7 +981,7 @@ class ReductionEpsilonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        x, z = ctx.saved_tensors
+        x, z = _saved(ctx)
         g = _unreduce(_divide(relevance, z, ctx.epsilon), x, ctx.dims, ctx.keepdim)
         r_x = x * g
         if ctx.scale != 1.0:
@@ -939,9 +1022,68 @@ class VectorNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        x, y = ctx.saved_tensors
+        x, y = _saved(ctx)
         g = _unreduce(_divide(relevance, y * y, ctx.epsilon), x, ctx.dims, ctx.keepdim)
         return (x * x * g).to(x.dtype), None, None, None, None
+
+
+class CumsumEpsilonFunction(torch.autograd.Function):
+    """Running sum ``z_t = Σ_{s≤t} x_s`` along ``dim`` with the ε-rule of every partial sum:
+    ``R_s = x_s ⊙ Σ_{t≥s} R_t ⊘ s(z_t)`` (a reversed cumulative sum of ``R ⊘ s(z)``)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, epsilon, op):
+        z = op(x)
+        ctx.dim, ctx.epsilon = dim, epsilon
+        ctx.save_for_backward(x, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, z = _saved(ctx)
+        g = _divide(relevance, z, ctx.epsilon)
+        dim = ctx.dim
+        # Σ_{t≥s} g_t as a cumulative sum of the reversed sequence (no cancellation of a
+        # total minus a prefix)
+        later = g.flip(dim).cumsum(dim).flip(dim)
+        return (later.to(x.dtype) * x).to(x.dtype), None, None, None
+
+
+def cumsum_epsilon(x: Tensor, dim: int, epsilon: float | None = None) -> Tensor:
+    """``torch.cumsum(x, dim)`` with the ε-rule of a running sum:
+    ``R_s = x_s ⊙ Σ_{t≥s} R_t ⊘ s(z_t)``."""
+    return CumsumEpsilonFunction.apply(x, dim, epsilon, lambda t: torch.cumsum(t, dim))
+
+
+class LogSumExpFunction(torch.autograd.Function):
+    """``y = log Σ_i exp(x_i)`` over ``dim`` as identity ∘ ε-sum ∘ identity (the rules of its
+    three steps): ``R_i = exp(x_i) ⊙ R ⊘ s(Σ exp x) = exp(x_i − y) ⊙ R / (1 + ε·exp(−y))``.
+    The second form is the first without overflow; a reduction over only ``−inf`` gives 0."""
+
+    @staticmethod
+    def forward(ctx, x, dim, keepdim, epsilon, op):
+        y = op(x)
+        ctx.dims, ctx.keepdim, ctx.epsilon = _reduced_dims(x, dim), keepdim, epsilon
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, y = _saved(ctx)
+        dtype = x.dtype
+        x, y, relevance = _accurate(x), _accurate(y), _accurate(relevance)
+        eps = _eps(ctx.epsilon, dtype)
+        g = relevance / torch.exp(-y).mul_(eps).add_(1.0)
+        g, y = (_unreduce(t, x, ctx.dims, ctx.keepdim) for t in (g, y))
+        share = torch.exp(x - y).nan_to_num_(0.0)  # exp(x_i) / Σ exp(x); 0 for all −inf
+        return share.mul_(g).to(dtype), None, None, None, None
+
+
+def logsumexp(x: Tensor, dim: int | Sequence[int], keepdim: bool = False,
+              epsilon: float | None = None) -> Tensor:
+    """``torch.logsumexp(x, dim, keepdim)`` with ``R_i = exp(x_i) ⊙ R ⊘ s(Σ exp x)``."""
+    return LogSumExpFunction.apply(x, dim, keepdim, epsilon,
+                                   lambda t: torch.logsumexp(t, dim, keepdim))
 
 
 class StopFunction(torch.autograd.Function):

@@ -16,6 +16,8 @@ return exactly what ``func(*args, **kwargs)`` returns in the forward. A handler 
 """
 from __future__ import annotations
 
+import dis
+import sys
 from typing import Any, Callable
 
 import torch
@@ -96,7 +98,7 @@ class _AddInplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        b, z = ctx.saved_tensors
+        b, z = lf._saved(ctx)
         other = b if b is not None else ctx.other
         part_b = other * ctx.coef_b
         g = lf._divide(relevance, z, ctx.epsilon)
@@ -124,9 +126,54 @@ class _UniformInplaceFunction(torch.autograd.Function):
         return half, half.sum_to_size(shape).to(dtype), None
 
 
+#: In-place ops of augmented assignments (``a += b`` reaches the dispatch as ``Tensor.add_``)
+#: and the out-of-place op each stands for.
+_AUGMENTED = {T.__iadd__: T.add, T.__isub__: T.sub, T.__imul__: T.mul, T.__idiv__: T.div,
+              T.__itruediv__: T.div, T.add_: T.add, T.sub_: T.sub, T.mul_: T.mul,
+              T.div_: T.div}
+_BINARY_OP = dis.opmap.get("BINARY_OP")  # Python ≥ 3.11: the argument names the operator
+_INPLACE_ARGS = {i for i, (name, _) in enumerate(getattr(dis, "_nb_ops", ()))
+                 if name.startswith("NB_INPLACE_")}
+_INPLACE_OPCODES = {dis.opmap[n] for n in ("INPLACE_ADD", "INPLACE_SUBTRACT",
+                                           "INPLACE_MULTIPLY", "INPLACE_TRUE_DIVIDE")
+                    if n in dis.opmap}  # Python 3.10
+_OWN_MODULES = ("lrp_explicit.", "torch.")
+
+
+def _augmented_assignment() -> bool:
+    """True if the in-place op being dispatched is an augmented assignment (``a += b``) of the
+    calling code, not a method call (``a.add_(b)``): the two reach the dispatch as the same
+    function, but only the first rebinds the name to the result. Read from the instruction the
+    calling frame is executing; used only where autograd refuses the in-place update."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_OWN_MODULES):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    code, index = frame.f_code.co_code, frame.f_lasti
+    if index < 0 or index + 1 >= len(code):
+        return False
+    if code[index] == _BINARY_OP:
+        return code[index + 1] in _INPLACE_ARGS
+    return code[index] in _INPLACE_OPCODES
+
+
+_writable = lf.writable
+
+
 def _inplace(func, args, kwargs, a, b, coef_a, coef_b, epsilon):
     if not on_path(a):
         raise NoRule  # a constant updated in place by a path tensor: no rule for that
+    if not _writable(a):
+        if func not in _AUGMENTED or not _augmented_assignment():
+            raise NoRule  # ``a.add_(b)``: the caller may keep ``a``; autograd refuses it
+        # ``a += b`` rebinds the name to what ``__iadd__`` returns: the out-of-place result
+        # is the same value, and the leaf (e.g. CTRL's ``inputs_embeds *= √d``) stays intact
+        plain = _AUGMENTED[func]
+        op = lambda x, y: plain(x, y, *args[2:], **kwargs)  # noqa: E731
+        if plain in (T.mul, T.div):
+            return lf.UniformFunction.apply(op, a, b)
+        return lf.AddEpsilonFunction.apply(a, b, coef_a, coef_b, epsilon, op)
     op = lambda x, y: func(x, y, *args[2:], **kwargs)  # noqa: E731
     if func in (T.mul_, T.__imul__, T.div_, T.__idiv__, T.__itruediv__):
         return _UniformInplaceFunction.apply(a, b, op)
@@ -152,7 +199,7 @@ class _IndexAddFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        source, index, z, old = ctx.saved_tensors
+        source, index, z, old = lf._saved(ctx)
         g = lf._divide(relevance, z, ctx.epsilon)
         r_a = r_source = None
         if ctx.needs_input_grad[0]:
@@ -189,7 +236,30 @@ def _mul_uniform(func, args, kwargs, epsilon):
     a, b = args[0], _arg(args, kwargs, 1, "other")
     if func in _INPLACE:
         return _inplace(func, args, kwargs, a, b, 1.0, 1.0, epsilon)
+    if on_path(a) != on_path(b) and any(isinstance(t, Tensor) and t.is_complex() for t in (a, b)):
+        return _complex_product(func, args, kwargs, a, b, epsilon)
     return lf.UniformFunction.apply(lambda x, y: func(x, y, *args[2:], **kwargs), a, b)
+
+
+def _complex_product(func, args, kwargs, a, b, epsilon):
+    """A complex path tensor times a complex constant (Llama 4's rotary embedding multiplies
+    by ``exp(iθ)``): in real arithmetic a 2 × 2 linear map of each (re, im) pair, which mixes
+    the two parts, so the ε-rule of a linear map (as the real rotary form ``q cos +
+    rotate_half(q) sin`` gets from its ops), not the identity of a real scaling."""
+    path, other = (a, b) if on_path(a) else (b, a)
+    if not (path.is_complex() and (isinstance(other, complex) or isinstance(other, Tensor)
+                                   and other.is_complex())):
+        return lf.UniformFunction.apply(lambda x, y: func(x, y, *args[2:], **kwargs), a, b)
+    rest = args[2:]
+    kwargs = {k: v for k, v in kwargs.items() if k != "other"}
+
+    def fn(t: Tensor) -> Tensor:
+        z = torch.view_as_complex(t)
+        return torch.view_as_real(func(z, b, *rest, **kwargs) if path is a
+                                  else func(a, z, *rest, **kwargs))
+
+    return torch.view_as_complex(lf.bilinear_uniform(fn, torch.view_as_real(path),
+                                                     epsilon=epsilon))
 
 
 def _mul_gate_constant(func, args, kwargs, epsilon):
@@ -410,6 +480,119 @@ def _vector_norm(func, args, kwargs, epsilon):
                                        lambda t: func(t, *args[1:], **kwargs))
 
 
+# ---------------------------------------------------------------------------- more ops of the zoo
+
+
+def _batched_addmm(func, args, kwargs, epsilon):
+    """``baddbmm``/``addbmm`` (``z = β·c + α·Σ m1 m2``; BLOOM adds its ALiBi bias to the
+    attention scores this way): the ε-rule of ``addmm``. ``c`` is a summand of the ε-add rule
+    (a constant one, as the ALiBi bias, absorbs its share); the product takes the uniform-ε
+    rule, half to each matrix when both are on the relevance path, all to the one that is
+    otherwise. ``addbmm`` also sums over the batch: one more sum of the same ε-rule."""
+    c = args[0]
+    m1 = args[1] if len(args) > 1 else kwargs.get("batch1", kwargs.get("mat1"))
+    m2 = args[2] if len(args) > 2 else kwargs.get("batch2", kwargs.get("mat2"))
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if "out" in kwargs or len(args) > 3 or not all(isinstance(t, Tensor) for t in (c, m1, m2)):
+        raise NoRule
+    return lf.AddmmEpsilonFunction.apply(c, m1, m2, beta, alpha, epsilon, func)
+
+
+_BIAS_POSITION = 2  # F.conv*(input, weight, bias, …)
+
+
+def _convolution(func, args, kwargs, epsilon):
+    """Functional convolutions (``F.conv1d``/``conv2d``/``conv3d`` and the transposed ones,
+    as the short causal convolution of state-space layers calls them): linear in the input, so
+    the ε-rule ``R_x = x ⊙ Jᵀ(R ⊘ s(z))`` through one vector-Jacobian product; the weight is a
+    constant (frozen) and the bias absorbs its share. A weight on the relevance path makes
+    the convolution bilinear: uniform-ε, half to each."""
+    bias = _arg(args, kwargs, _BIAS_POSITION, "bias")
+    rest = list(args[_BIAS_POSITION + 1:]) + [v for k, v in kwargs.items()
+                                             if k not in ("input", "weight")]
+    if on_path(bias) or any(on_path(t) for t in rest) or len(args) < 2:
+        raise NoRule
+    x, weight = args[0], args[1]
+    tail = args[2:]
+    if on_path(x) and on_path(weight):
+        return lf.bilinear_uniform(lambda t, w: func(t, w, *tail, **kwargs), x, weight,
+                                   epsilon=epsilon)
+    if on_path(x):
+        return lf.bilinear_uniform(lambda t: func(t, weight, *tail, **kwargs), x,
+                                   epsilon=epsilon)
+    return lf.bilinear_uniform(lambda w: func(x, w, *tail, **kwargs), weight, epsilon=epsilon)
+
+
+def _cumsum(func, args, kwargs, epsilon):
+    """``cumsum``: every output is a partial sum, so the ε-rule of each sum, summed over the
+    sums an input enters: ``R_s = x_s ⊙ Σ_{t≥s} R_t ⊘ s(z_t)`` (a reversed cumulative sum,
+    no loop). The SSMs and linear attention use it for their decay; position ids built by a
+    cumsum of the mask are off the relevance path."""
+    dim = _arg(args, kwargs, 1, "dim")
+    if "out" in kwargs or not isinstance(dim, int):
+        raise NoRule
+    return lf.CumsumEpsilonFunction.apply(args[0], dim, epsilon,
+                                          lambda t: func(t, *args[1:], **kwargs))
+
+
+def _logsumexp(func, args, kwargs, epsilon):
+    """``logsumexp`` (attention sinks of Granite-SWA, routers' z-losses) is ``exp`` (identity),
+    a sum (ε-rule) and ``log`` (identity): ``R_i = exp(x_i) ⊙ R ⊘ s(Σ exp x)``, i.e. the
+    relevance is shared in proportion to the softmax of the inputs."""
+    dim = _arg(args, kwargs, 1, "dim")
+    keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+    if "out" in kwargs or dim is None or (not isinstance(dim, int) and not len(dim)):
+        raise NoRule
+    dim = dim if isinstance(dim, int) else tuple(dim)
+    return lf.LogSumExpFunction.apply(args[0], dim, keepdim, epsilon,
+                                      lambda t: func(t, *args[1:], **kwargs))
+
+
+def _extremum(func, args, kwargs, epsilon):
+    """``maximum``/``minimum`` (``fmax``/``fmin``): with one constant operand an element-wise
+    function of the other (a clamp; RWKV's and xLSTM's stabilisers), so the identity rule; with
+    both operands on the path each element comes from one of them, and the relevance goes to
+    the winner (ties: half each), as the layout rule of ``max`` does: plain autograd."""
+    a, b = args[0], _arg(args, kwargs, 1, "other")
+    if "out" in kwargs:
+        raise NoRule
+    if on_path(a) and on_path(b):
+        return func(*args, **kwargs)
+    return _identity(func, args, kwargs, epsilon)
+
+
+def _statistic(func, args, kwargs, epsilon):
+    """``var``/``std`` are the statistic of a norm written in modeling code
+    (``(x − μ) * rsqrt(var + eps)``): held constant as in the constant-std norm rule (AttnLRP
+    Prop. 3.4), so the product gives ``x − μ`` the identity. ``var_mean``/``std_mean`` return
+    the mean too: it takes the ε-rule of a mean."""
+    out = func(*args, **kwargs)
+    if func not in _WITH_MEAN:
+        return lf.stop(out)
+    x, dim = args[0], _arg(args, kwargs, 1, "dim")
+    if dim is not None and not isinstance(dim, int):
+        dim = tuple(dim) or None
+    keepdim = out[1].dim() == x.dim()
+    mean = lf.ReductionEpsilonFunction.apply(x, dim, keepdim, epsilon,
+                                             lambda t: func(t, *args[1:], **kwargs)[1], True)
+    return lf.stop(out[0]), mean
+
+
+_WITH_MEAN = {torch.var_mean, torch.std_mean}
+
+
+def _identity_inplace(func, args, kwargs, epsilon):
+    """In-place element-wise functions (``x.exp_()``, ``x.clamp_(…)``, ``F.relu_``): the
+    identity rule, as their out-of-place forms."""
+    a = args[0]
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    if not on_path(a) or any(on_path(t) for t in list(args[1:]) + list(kwargs.values())) \
+            or not _writable(a):
+        raise NoRule
+    out = _UniformInplaceFunction.apply(a, None, lambda x, _: func(x, *args[1:], **kwargs))
+    return _mark_gate(out)
+
+
 # ---------------------------------------------------------------------------- the tables
 
 _ACTIVATIONS = [
@@ -419,7 +602,29 @@ _ACTIVATIONS = [
     torch.sqrt, T.sqrt, torch.rsqrt, T.rsqrt, torch.abs, T.abs, torch.square, T.square,
     torch.reciprocal, T.reciprocal, torch.log, T.log, torch.sin, T.sin, torch.cos, T.cos,
     torch.clamp, T.clamp, torch.clip, T.clip, torch.pow, T.pow, T.__pow__, T.__rpow__,
+    # element-wise too (Mamba's inverse softplus, soft-capping, clamps written as functions)
+    torch.expm1, T.expm1, torch.log1p, T.log1p, torch.clamp_min, T.clamp_min, torch.clamp_max,
+    T.clamp_max, torch.nan_to_num, T.nan_to_num, F.softsign, torch.exp2, T.exp2,
 ]
+
+#: In-place element-wise functions (identity rule).
+_ACTIVATIONS_INPLACE = [
+    f for f in (getattr(T, n, None) for n in (
+        "exp_", "sigmoid_", "tanh_", "relu_", "clamp_", "clamp_min_", "clamp_max_", "clip_",
+        "abs_", "sqrt_", "rsqrt_", "square_", "erf_", "log_", "neg_", "reciprocal_", "pow_",
+        "expm1_", "log1p_", "sin_", "cos_", "nan_to_num_", "exp2_"))
+    if f is not None
+] + [torch.relu_, F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_]
+
+#: In-place ops whose target may be a tensor a rule saved (see
+#: :func:`lrp_explicit.functional.preserve_saved`): every ``Tensor.<name>_`` method, the
+#: augmented assignments and ``__setitem__``, less the few that change no value.
+INPLACE: frozenset = frozenset(
+    [getattr(T, n) for n in dir(T) if n.endswith("_") and not n.startswith("_")
+     and n not in ("requires_grad_", "share_memory_", "retain_grad_", "record_stream_")
+     and callable(getattr(T, n, None))]
+    + [T.__iadd__, T.__isub__, T.__imul__, T.__idiv__, T.__itruediv__, T.__setitem__,
+       *_ACTIVATIONS_INPLACE])
 
 #: torch function -> canonical op name
 OP_NAMES: dict[Callable, str] = {}
@@ -442,6 +647,21 @@ _names("matmul", [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm
 _names("einsum", [torch.einsum])
 _names("linear", [F.linear])
 _names("addmm", [torch.addmm, T.addmm])
+def _average_pool(func, args, kwargs, epsilon):
+    """Average pooling (``F.avg_pool1d/2d/3d`` and the adaptive forms; Gemma 3's projector pools
+    the patch features this way): linear in the input with no bias, so the ε-rule of each
+    window's mean through one vector-Jacobian product, ``R_x = x ⊙ Jᵀ(R ⊘ s(z))``."""
+    x = args[0] if args else kwargs.get("input")
+    rest = list(args[1:]) + [v for k, v in kwargs.items() if k != "input"]
+    if not on_path(x) or any(on_path(t) for t in rest):
+        raise NoRule
+    options = {k: v for k, v in kwargs.items() if k != "input"}
+    return lf.bilinear_uniform(lambda t: func(t, *args[1:], **options), x, epsilon=epsilon)
+
+
+_names("average_pool", [F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d,
+                        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                        torch.adaptive_avg_pool1d])
 _names("index_add", [torch.index_add, T.index_add, T.index_add_])
 _names("grouped_mm", [torch._grouped_mm] if hasattr(torch, "_grouped_mm") else [])
 _names("softmax", [torch.softmax, T.softmax, F.softmax, torch.nn.functional.softmax])
@@ -451,6 +671,15 @@ _names("rms_norm", [F.rms_norm])
 _names("sum", [torch.sum, T.sum, torch.mean, T.mean])
 _names("activation", _ACTIVATIONS)
 _names("norm", [torch.norm, T.norm, torch.linalg.vector_norm])
+_names("batched_addmm", [torch.baddbmm, T.baddbmm, torch.addbmm, T.addbmm])
+_names("convolution", [F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+                       F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d])
+_names("cumsum", [torch.cumsum, T.cumsum])
+_names("logsumexp", [torch.logsumexp, T.logsumexp])
+_names("extremum", [torch.maximum, T.maximum, torch.minimum, T.minimum, torch.fmax, T.fmax,
+                    torch.fmin, T.fmin])
+_names("statistic", [torch.var, T.var, torch.std, T.std, *_WITH_MEAN])
+_names("activation_inplace", _ACTIVATIONS_INPLACE)
 
 #: Layout and selection ops whose plain autograd already moves relevance correctly.
 PASS_THROUGH: frozenset = frozenset([
@@ -470,6 +699,16 @@ PASS_THROUGH: frozenset = frozenset([
     T.amin, torch.topk, T.topk, torch.sort, T.sort, T.T.__get__, T.mT.__get__,
     T.H.__get__, T.mH.__get__, T.data.__get__, T.real.__get__, T.requires_grad_,
     T.__len__, T.dim, T.size, T.__iter__,
+    # more layout: splits, in-place copies and fills (the overwritten values get no relevance,
+    # the copied source all of its own), scatters of values into a tensor, windows
+    torch.tensor_split, T.tensor_split, torch.split_with_sizes, T.split_with_sizes,
+    torch.hsplit, T.hsplit, torch.vsplit, T.vsplit, torch.dsplit, T.dsplit, T.unsafe_split,
+    torch.unsafe_split, T.copy_, T.fill_, T.zero_, T.index_fill_, T.index_fill,
+    torch.index_fill, T.masked_scatter_, T.index_copy_, T.index_copy, torch.index_copy,
+    T.scatter, torch.scatter, T.scatter_, T.take_along_dim, torch.take_along_dim, T.unfold,
+    T.moveaxis, torch.moveaxis, T.squeeze_, T.unsqueeze_, T.transpose_, T.t_,
+    torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, T.resolve_conj, T.resolve_neg,
+    torch.view_as_real, torch.view_as_complex,
 ])
 
 _COMMON: dict[str, Handler] = {
@@ -487,6 +726,14 @@ _COMMON: dict[str, Handler] = {
     "sum": _reduction,
     "norm": _vector_norm,
     "activation": _activation,
+    "batched_addmm": _batched_addmm,
+    "convolution": _convolution,
+    "average_pool": _average_pool,
+    "cumsum": _cumsum,
+    "logsumexp": _logsumexp,
+    "extremum": _extremum,
+    "statistic": _statistic,
+    "activation_inplace": _identity_inplace,
 }
 
 #: AttnLRP (Achtibat et al. 2024): uniform rules for products, softmax as Gradient×Input.

@@ -339,9 +339,9 @@ def test_relevance_crossing_a_side_channel_is_unaccounted():
 # ---------------------------------------------------------------------------- check: unruled
 
 
-class CumsumMixer(nn.Module):
+class CumprodMixer(nn.Module):
     def forward(self, x):
-        return torch.cumsum(x, dim=1)
+        return torch.cumprod(x, dim=1)
 
 
 class Square(torch.autograd.Function):
@@ -358,9 +358,24 @@ class Square(torch.autograd.Function):
         return 2 * x * grad
 
 
-class SquareMixer(nn.Module):
+class RowScale(torch.autograd.Function):
+    """A user's custom autograd Function (no LRP rule); not element-wise, so not the identity
+    that an element-wise foreign Function gets."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * (x * x).sum(-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x * x).sum(-1, keepdim=True) + 2 * x * (grad * x).sum(-1, keepdim=True)
+
+
+class RowScaleMixer(nn.Module):
     def forward(self, x):
-        return Square.apply(x) + x
+        return RowScale.apply(x) + x
 
 
 class Mixed(nn.Module):
@@ -375,8 +390,8 @@ class Mixed(nn.Module):
 
 
 @pytest.mark.parametrize("mixer,op,node", [
-    (CumsumMixer, "torch.cumsum", "autograd:CumsumBackward0"),
-    (SquareMixer, "Square.apply", "function:Square"),
+    (CumprodMixer, "torch.cumprod", "autograd:CumprodBackward0"),
+    (RowScaleMixer, "RowScale.apply", "function:RowScale"),
 ])
 def test_check_names_the_unruled_op_and_strict_raises(mixer, op, node):
     torch.manual_seed(4)
@@ -583,8 +598,8 @@ def test_assert_conserves_names_the_offending_module():
     assert "autograd:SiluBackward0" in message
     assert "'head'" not in message and "'down'" not in message
 
-    with pytest.raises(AssertionError, match=r"torch\.cumsum.*module 'mixer'"):
-        assert_conserves(Mixed(CumsumMixer()).double(), torch.randn(2, 3, 4).double(), 0)
+    with pytest.raises(AssertionError, match=r"torch\.cumprod.*module 'mixer'"):
+        assert_conserves(Mixed(CumprodMixer()).double(), torch.randn(2, 3, 4).double(), 0)
     with pytest.raises(ValueError, match="unknown absorber"):
         assert_conserves(block, x, 1, allow=("sofmax",))
 

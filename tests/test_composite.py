@@ -158,16 +158,16 @@ def test_forward_that_raises_leaves_no_mode():
         assert out.grad_fn is not None
 
 
-class CumsumMixer(nn.Module):
+class CumprodMixer(nn.Module):
     def forward(self, x):
-        return torch.cumsum(x, dim=1)
+        return torch.cumprod(x, dim=1)
 
 
-class WithCumsum(nn.Module):
+class WithCumprod(nn.Module):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4)
-        self.mixer = CumsumMixer()
+        self.mixer = CumprodMixer()
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -175,28 +175,28 @@ class WithCumsum(nn.Module):
 
 
 def test_strict_mode_names_the_unruled_op_and_module():
-    model = WithCumsum()
+    model = WithCumprod()
     x = torch.randn(2, 3, 4, requires_grad=True)
     with composites.get("attnlrp", model, strict=True).context(model):
-        with pytest.raises(lrp_explicit.UnruledOpError, match=r"cumsum.*'mixer'"):
+        with pytest.raises(lrp_explicit.UnruledOpError, match=r"cumprod.*'mixer'"):
             model(x)
 
 
 def test_unruled_op_warns_once_and_is_counted():
-    model = WithCumsum()
+    model = WithCumprod()
     comp = composites.get("attnlrp", model)
     with comp.context(model):
-        with pytest.warns(lrp_explicit.UnruledOpWarning, match=r"cumsum.*'mixer'"):
+        with pytest.warns(lrp_explicit.UnruledOpWarning, match=r"cumprod.*'mixer'"):
             model(torch.randn(2, 3, 4, requires_grad=True))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model(torch.randn(2, 3, 4, requires_grad=True))  # the second time is silent
-    assert comp.unruled[("torch.cumsum", "mixer")] == 2
+    assert comp.unruled[("torch.cumprod", "mixer")] == 2
 
 
 def test_ops_off_the_relevance_path_are_not_unruled():
-    """cumsum on a constant (no grad) is fine even in strict mode."""
-    model = WithCumsum()
+    """cumprod on a constant (no grad) is fine even in strict mode."""
+    model = WithCumprod()
     with composites.get("attnlrp", model, strict=True).context(model):
         model(torch.randn(2, 3, 4))  # the input does not require grad: nothing is on the path
 

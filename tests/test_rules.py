@@ -247,7 +247,7 @@ def test_unknown_hugging_face_model_takes_the_automatic_composite():
 
 def test_composite_rejects_bad_tables():
     with pytest.raises(ValueError, match="unknown op names"):
-        lrp_explicit.Composite({}, ops={"cumsum": lambda *a: None})
+        lrp_explicit.Composite({}, ops={"cumprod": lambda *a: None})
     with pytest.raises(TypeError, match="rule factory"):
         lrp_explicit.Composite({nn.Linear: "EpsilonRule"})
 

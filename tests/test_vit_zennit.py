@@ -458,13 +458,13 @@ class Opaque(nn.Module):
         self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
 
     def forward(self, x):
-        return torch.cumsum(x, -1) @ self.weight
+        return torch.cumprod(x, -1) @ self.weight
 
 
 def test_dispatch_never_enters_a_zennit_module():
     model = nn.Sequential(nn.Linear(4, 4), Opaque(), nn.GELU(), nn.Linear(4, 2)).double()
     x = torch.randn(3, 4, dtype=torch.float64)
-    with pytest.raises(dispatch.UnruledOpError, match="cumsum"):
+    with pytest.raises(dispatch.UnruledOpError, match="cumprod"):
         with composites.get("attnlrp", strict=True).context(model):
             model(x.clone().requires_grad_())
     zen = LayerMapComposite([(Opaque, Epsilon(EPS))])

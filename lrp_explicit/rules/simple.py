@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import BackwardHook
 
+from .. import dispatch
 from .. import functional as lf
 from ..errors import CompositeError
 from ..ops import GATE_ATTR, on_path
@@ -213,6 +214,12 @@ class EpsilonRule(Rule):
             return module.forward(x, *args, **kwargs)
         if type(module) is nn.Linear:
             return lf.linear_epsilon(x, module.weight, module.bias, self.epsilon)
+        if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+            # a subclass with a forward of its own is not known to be linear (Llama 4's and
+            # PhiMoE's routers return a tuple of scores and logits): each functional call in
+            # it gets its own op rule (``super().forward`` its ε-rule) or is reported
+            with dispatch.transparent(self):
+                return module.forward(x, *args, **kwargs)
         if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not args:
             shape = x.shape[:-1] + (module.nf,)
             z = lf.addmm_epsilon(module.bias, x.view(-1, x.size(-1)), module.weight,
