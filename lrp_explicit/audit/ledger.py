@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, MutableMapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import functional as lf
 from ..rules import Rule
 from .bias import is_bias
 from .report import ROOT
@@ -174,7 +175,7 @@ class Ledger:
             return t
         if id(t) in memo:
             return memo[id(t)]
-        alias = t.view_as(t)
+        alias = lf.alias(t)  # not a view: it may be updated in place (Falcon, XLM)
         alias.__dict__.update(t.__dict__)  # keep tags (e.g. CP-LRP gates)
         memo[id(t)] = alias
         call.has_path = True
