@@ -27,10 +27,11 @@ import gxi
 
 T = torch.Tensor
 SPLITS = {torch.split, T.split}
-HELD_CHILDREN = ("x_proj", "in_proj_ba", "in_proj_b", "in_proj_a")
+HELD_CHILDREN = ("x_proj", "in_proj_ba", "in_proj_b", "in_proj_a", "a_proj", "b_proj")
 GATED_NORMS = ("Mamba2RMSNormGated", "Qwen3NextRMSNormGated", "Qwen3_5RMSNormGated",
                "BambaRMSNormGated", "NemotronHRMSNormGated", "Zamba2RMSNormGated",
-               "GraniteMoeHybridRMSNormGated", "FalconH1RMSNormGated")
+               "GraniteMoeHybridRMSNormGated", "FalconH1RMSNormGated",
+               "OlmoHybridRMSNormGated")
 
 
 def _held_sections(model: nn.Module) -> dict[tuple[int, ...], set[int]]:

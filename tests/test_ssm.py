@@ -127,19 +127,29 @@ def _falcon_h1():  # µP multipliers on in_proj's sections; a gated norm (mamba_
         mamba_rms_norm=True, **_MAMBA2_HYBRID), tf.FalconH1ForCausalLM)
 
 
+def _olmo_hybrid():
+    return _eager(tf.OlmoHybridConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        tf.OlmoHybridForCausalLM)
+
+
 BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
             "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5, "jamba": _jamba, "bamba": _bamba,
             "granitemoehybrid": _granitemoehybrid, "nemotron_h": _nemotron_h, "zamba2": _zamba2,
-            "falcon_h1": _falcon_h1}
+            "falcon_h1": _falcon_h1, "olmo_hybrid": _olmo_hybrid}
 FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
           "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next", "jamba": "jamba", "bamba": "bamba",
           "granitemoehybrid": "granitemoehybrid", "nemotron_h": "nemotron_h", "zamba2": "zamba2",
-          "falcon_h1": "falcon_h1"}
+          "falcon_h1": "falcon_h1", "olmo_hybrid": "olmo_hybrid"}
 #: how many mixers each model has, and whether they end in a gated norm
 MIXER_COUNT = {"qwen3_next": 1, "qwen3_5": 1, "jamba": 1, "bamba": 1, "granitemoehybrid": 1,
-               "nemotron_h": 1, "zamba2": 2}
+               "nemotron_h": 1, "zamba2": 2, "olmo_hybrid": 1}
 GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotron_h", "zamba2",
-         "falcon_h1"}
+         "falcon_h1", "olmo_hybrid"}
 #: The stock modeling code computes parts of each layer in float32 whatever the model's dtype
 #: (Mamba's discretised input ``hidden_states.float()``, Mamba 2's chunked scan, the gated
 #: delta rule, the residual stream where ``residual_in_fp32``), so relevance passing there is
@@ -207,8 +217,8 @@ def test_family_is_found_and_mixers_are_held(name):
             for held in mixer.held.children:
                 assert isinstance(children[held], StopRule)
             if name in GATED:
-                assert isinstance(children["norm"], GatedNormRule)
-                assert children["norm"].hold_gate  # CP-LRP
+                norm = children["o_norm" if name == "olmo_hybrid" else "norm"]
+                assert isinstance(norm, GatedNormRule) and norm.hold_gate  # CP-LRP
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

@@ -1,6 +1,6 @@
 """State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5,
-and the hybrids that reuse their mixers (Jamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid,
-Falcon-H1).
+the hybrids that reuse their mixers (Jamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid,
+Falcon-H1) and OLMo-hybrid (a gated delta-net).
 
 The rules follow MambaLRP (Rezaei Jafari et al., NeurIPS 2024): the parameters a selective
 layer computes from its own input (the step Δ, B, C and with them the decay ``exp(Δ·A)``; the
@@ -33,9 +33,10 @@ _WHY_X_PROJ = ("x_proj is an ordinary linear layer; only the modeling code says 
 _WHY_MAMBA2 = ("Δ is one section of in_proj's output and B, C two sections of the convolution's, "
                "cut by split in the forward; nothing but the modeling code tells the sections "
                "apart")
-_WHY_DELTA = ("in_proj_ba (in_proj_b, in_proj_a) is an ordinary linear layer; only the modeling "
-              "code says it makes β and the decay g; the l2-normalisation of queries and keys "
-              "is a function (rsqrt of a sum of squares), not a module the detector can probe")
+_WHY_DELTA = ("in_proj_ba (in_proj_b and in_proj_a, b_proj and a_proj) are ordinary linear "
+              "layers; only the modeling code says they make β and the decay g; the "
+              "l2-normalisation of queries and keys is a function (rsqrt of a sum of squares), "
+              "not a module the detector can probe")
 
 
 def _mamba2_splits(mixer: nn.Module) -> dict[tuple[int, ...], frozenset[int]]:
@@ -75,6 +76,9 @@ MIXERS: dict[str, Held] = {
     "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5GatedDeltaNet":
         Held(children=("in_proj_b", "in_proj_a"),
              outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
+    "transformers.models.olmo_hybrid.modeling_olmo_hybrid:OlmoHybridGatedDeltaNet":
+        Held(children=("b_proj", "a_proj"),
+             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
 }
 
 #: Gated RMSNorms ``norm(x, gate)``: two inputs, and which one is the gate is a convention of
@@ -88,6 +92,7 @@ GATED_NORMS: tuple[str, ...] = (
     "transformers.models.falcon_h1.modeling_falcon_h1:FalconH1RMSNormGated",
     "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextRMSNormGated",
     "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5RMSNormGated",
+    "transformers.models.olmo_hybrid.modeling_olmo_hybrid:OlmoHybridRMSNormGated",
 )
 
 #: family -> the model types it serves and the modeling modules it needs
@@ -102,6 +107,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "granitemoehybrid": (("granitemoehybrid",), ("granitemoehybrid",)),
     "falcon_h1": (("falcon_h1",), ("falcon_h1",)),
     "qwen3_next": (("qwen3_next", "qwen3_5_text"), ("qwen3_next", "qwen3_5")),
+    "olmo_hybrid": (("olmo_hybrid",), ("olmo_hybrid",)),
 }
 
 
