@@ -121,6 +121,7 @@ def _from_pretrained(source: str, dtype: str | None, local_only: bool = True,
     (``options``: more arguments of ``from_pretrained``, e.g. a ``device_map``)."""
     import torch
 
+    _check_weights(source)
     transformers = _quiet_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
@@ -130,14 +131,46 @@ def _from_pretrained(source: str, dtype: str | None, local_only: bool = True,
         if options and dtype:
             options["dtype"] = getattr(torch, dtype)
             dtype = None
-        model = cls.from_pretrained(source, local_files_only=local_only, **options)
+        model = cls.from_pretrained(source, local_files_only=local_only, use_safetensors=True,
+                                    **options)
         if dtype:
             model = model.to(getattr(torch, dtype))
         if device:
             model = model.to(device)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file is one line, never a traceback
         raise CLIError(f"--model {source}: cannot load the model: {_line(err)}")
     return model.eval()
+
+
+#: Weight files in pickle formats, which can run code when loaded: never loaded here.
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _check_weights(source: str) -> None:
+    """A local folder must hold safetensors weights; pickle files are refused, not loaded."""
+    path = Path(source).expanduser()
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in _PICKLES for p in path.glob(pattern))
+    if pickles:
+        raise CLIError(f"--model {source}: its weights are pickle files ({', '.join(pickles[:3])}"
+                       "), which can run code when loaded and are never loaded here; convert "
+                       "them to safetensors (model.save_pretrained(folder) writes them)")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, default huggingface.co) answers a TCP
+    connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _validate(path: Path, args: argparse.Namespace) -> None:
@@ -376,6 +409,9 @@ def _model_source(spec: str | None) -> tuple[str, bool]:
         raise CLIError(f"--model {spec}: no such model folder (give a local Hugging Face model "
                        "folder or a hub name)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline and not _hub_reachable():
+        raise CLIError(f"--model {spec}: the Hugging Face hub is unreachable; give a local model "
+                       "folder, or set HF_HUB_OFFLINE=1 to use the models in the local cache")
     return spec, offline
 
 

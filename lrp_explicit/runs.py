@@ -210,12 +210,40 @@ def read_data(data: Any, format: str | None = None) -> Any:
                              "csv, parquet)")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty (no rows)")
         try:
-            return datasets.load_dataset(kind, data_files=str(path), split="train")
-        except (datasets.exceptions.DatasetsError, ValueError, OSError) as err:
+            with _offline():
+                table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as err:  # noqa: BLE001 - any failure of the reader is one line
             cause = err.__cause__ if err.__cause__ is not None else err
             raise ValueError(f"{path}: cannot read it as {kind}: "
-                             f"{' '.join(str(cause).split())}") from err
+                             f"{' '.join(str(cause).split()) or type(cause).__name__}") from err
+        if len(table) == 0:
+            raise ValueError(f"{path}: no rows")
+        return table
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` offline and without telemetry while a local file
+    is read: no request leaves the machine."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    settings = [(datasets.config, "HF_HUB_OFFLINE", True),
+                (datasets.config, "HF_DATASETS_OFFLINE", True),
+                (hub, "HF_HUB_OFFLINE", True), (hub, "HF_HUB_DISABLE_TELEMETRY", True)]
+    before = [(owner, name, getattr(owner, name)) for owner, name, _ in settings
+              if hasattr(owner, name)]
+    for owner, name, value in settings:
+        if hasattr(owner, name):
+            setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in before:
+            setattr(owner, name, value)
 
 
 def _check_fields(data: Any, fields: dict[str, str | None], where: str) -> None:

@@ -500,6 +500,10 @@ def evaluate(results: Any, truth: Any = None, *, model: nn.Module | None = None,
         raise ValueError(f"level must be 'tokens' or 'words', not {level!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    for name, value, least in (("random_orders", random_orders, 0), ("batch_size", batch_size, 1),
+                               ("max_steps", max_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int of at least {least}, got {value!r}")
     rows, meta = _rows_of(results)
     if not rows:
         raise ValueError("no rows to evaluate")
@@ -774,6 +778,10 @@ def run_command(args: Any, load: Callable[[], tuple[nn.Module, Any]] | None) -> 
     if args.truth is None and load is None:
         raise ValueError("give --truth FIELD (ground-truth metrics) or --model (perturbation "
                          "curves)")
+    for option, value, least in (("--k", args.k, 1), ("--max-steps", args.max_steps, 1),
+                                 ("--random-orders", args.random_orders, 0)):
+        if value < least:
+            raise ValueError(f"{option} {value}: give {least} or more")
     for name, suffixes in (("plot", (".png", ".pdf", ".svg")), ("output", (".json", ".md"))):
         value = getattr(args, name)
         if value is not None and Path(value).suffix.lower() not in suffixes:
