@@ -311,3 +311,25 @@ def test_decode_step_with_a_cache(name, variant):
     reference = reference_relevance(model, variant, last, score,
                                     run=lambda m, leaf: _decode_step(m, prefix, leaf))
     assert relative_error(leaf.grad, reference) < 1e-6
+
+
+def test_solve_triangular_is_linear_in_its_right_hand_side():
+    """``X = U⁻¹ V`` with ``U`` held constant: ``R_V = V ⊙ U⁻ᵀ (R ⊘ X)`` (the ε-rule of a linear
+    map, by hand), nothing to ``U`` though it is on the relevance path."""
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 6, 6, generator=generator, dtype=torch.float64).tril(-1) \
+        + torch.eye(6, dtype=torch.float64)
+    v = torch.randn(2, 6, 3, generator=generator, dtype=torch.float64)
+    relevance = torch.randn(2, 6, 3, generator=generator, dtype=torch.float64)
+    u_leaf, v_leaf = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    for variant in VARIANTS:
+        u_leaf.grad = v_leaf.grad = None
+        with composites.get(variant, _mamba()).op_rules():
+            x = torch.linalg.solve_triangular(u_leaf, v_leaf, upper=False, unitriangular=True)
+        assert torch.equal(x, torch.linalg.solve_triangular(u, v, upper=False, unitriangular=True))
+        x.backward(relevance)
+        expected = v * torch.linalg.solve_triangular(u.mT, relevance / x.detach(), upper=True,
+                                                     unitriangular=True)
+        assert u_leaf.grad is None
+        assert torch.allclose(v_leaf.grad, expected, rtol=1e-9, atol=1e-12)
+        assert abs(float(v_leaf.grad.sum() - relevance.sum())) < 1e-9 * float(relevance.abs().sum())

@@ -146,11 +146,14 @@ class HeldParametersRule(Rule):
         """The rule wrapper of each child of the mixer (its own, or the composite's)."""
         model = getattr(source, "model", None)
         prefix = ""
-        if model is not None:
-            prefix = next((n for n, m in model.named_modules() if m is self.module), "")
+        if model is not None:  # the path of this rule: the mixer's own qualified name
+            prefix = next((n for n, m in model.named_modules() if m is self), "")
             self._path = prefix or self._path
+        zennit = getattr(source, "zennit_modules", set())
         wrappers: dict[str, nn.Module] = {}
         for name, child in self.module.named_children():
+            if id(child) in zennit:  # hooked by the zennit composite: its rules, not ours
+                continue
             if name in self.held.children:
                 factory: Any = StopRule
             else:
