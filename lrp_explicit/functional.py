@@ -53,7 +53,12 @@ __all__ = [
     "rms_norm",
     "sum_epsilon",
     "mean_epsilon",
+    "cumsum_epsilon",
+    "logsumexp",
     "stop",
+    "alias",
+    "writable",
+    "preserve_saved",
 ]
 
 #: Default ε per dtype (of the tensor that is stabilised), absolute. The ε only has to keep

@@ -27,7 +27,8 @@ from torch import Tensor
 from . import functional as lf
 
 __all__ = ["OP_NAMES", "PASS_THROUGH", "ATTNLRP_OPS", "CPLRP_OPS", "NoRule", "Handler",
-           "on_path", "GATE_ATTR", "name_transformers_ops", "ATTENTION_MODES", "attention_ops"]
+           "on_path", "GATE_ATTR", "name_transformers_ops", "ATTENTION_MODES", "attention_ops",
+           "INPLACE"]
 
 #: An op-table handler: ``handler(func, args, kwargs, epsilon)`` computes the intercepted call
 #: ``func(*args, **kwargs)`` through an LRP Function (or raises :class:`NoRule` to leave it to
