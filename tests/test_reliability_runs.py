@@ -209,3 +209,19 @@ def test_evaluate_a_generation_run_per_generated_token(two_models, tok, tmp_path
     gen = lrp_explicit.explain(a, DATA[0]["text"], tokenizer=tok, generate=2)
     assert lrp_explicit.evaluate([gen], truth=[truth[0]]).per_row["MRR"] == pytest.approx(
         expected[:2], abs=1e-12)
+
+
+def test_ablate_refuses_an_explanation_of_other_inputs(two_models, tok):
+    """Medium: ablate(..., explanation=<of another input>) silently used the other input's
+    score as the base."""
+    a, b = two_models
+    first, second = tok(DATA[0]["text"])["input_ids"], tok(DATA[1]["text"])["input_ids"]
+    mine = lrp_explicit.explain(a, first, target=5)
+    result = lrp_explicit.ablate(a, first, "*", k=1, target=5, draws=0, explanation=mine)
+    assert result.base == mine.score
+    with pytest.raises(ValueError, match="explanation is of other inputs"):
+        lrp_explicit.ablate(a, first, "*", k=1, draws=0,
+                            explanation=lrp_explicit.explain(a, second, target=5))
+    same_tokens_other_model = lrp_explicit.explain(b, first, target=5)
+    with pytest.raises(ValueError, match=r"score .* is not the model's"):
+        lrp_explicit.ablate(a, first, "*", k=1, draws=0, explanation=same_tokens_other_model)

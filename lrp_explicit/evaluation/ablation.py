@@ -11,6 +11,7 @@ more than random ones.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,7 +117,9 @@ def ablate(model: nn.Module, inputs: Any, units: str = "*", k: int | Sequence[in
     value : float
         The value the removed units are set to.
     explanation : Explanation, optional
-        An explanation of ``inputs`` to rank the units by (computed when not given).
+        An explanation of ``inputs`` to rank the units by (computed when not given). It must
+        be one of these inputs: its token ids and score are checked against the model's on
+        ``inputs``.
 
     Returns
     -------
@@ -125,14 +128,15 @@ def ablate(model: nn.Module, inputs: Any, units: str = "*", k: int | Sequence[in
     Raises
     ------
     ValueError
-        For a batch, a ``k`` larger than the units of the layers, or a pattern that matches no
-        layer.
+        For a batch, a ``k`` larger than the units of the layers, a pattern that matches no
+        layer, or an explanation of other inputs (other token ids, or another score).
     """
     ks = [k] if isinstance(k, int) else list(k)
     if not ks or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in ks):
         raise ValueError(f"k must be a positive int or a list of them, got {k!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
         raise ValueError(f"draws must be a non-negative int, got {draws!r}")
+    given = explanation is not None
     if explanation is None:
         explanation = explain(model, inputs, target, composite, contrast, tokenizer,
                               position=position, progress=False)
@@ -154,6 +158,15 @@ def ablate(model: nn.Module, inputs: Any, units: str = "*", k: int | Sequence[in
             again = explain(model, inputs, explanation.target, **rest)
         return float(again.score)
 
+    if given:  # it must explain these inputs: the same tokens and the same score
+        plain = explain(model, inputs, explanation.target, **rest)
+        if explanation.ids is not None and plain.ids is not None and plain.ids != explanation.ids:
+            raise ValueError("the explanation is of other inputs: its token ids differ from "
+                             "those of inputs (give the explanation of these inputs)")
+        if not math.isclose(plain.score, explanation.score, rel_tol=1e-6, abs_tol=1e-9):
+            raise ValueError(f"the explanation's score {explanation.score:.6g} is not the "
+                             f"model's {plain.score:.6g} on inputs: is it an explanation of "
+                             "other inputs, or of another model?")
     rng = np.random.default_rng(seed)
     top, random = [], []
     for n in ks:
