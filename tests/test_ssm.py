@@ -20,7 +20,7 @@ import transformers as tf
 import lrp_explicit
 from lrp_explicit import composites
 from lrp_explicit.audit.bias import zero_bias
-from lrp_explicit.rules import StopRule
+from lrp_explicit.rules import NormRule, Rule, StopRule
 from lrp_explicit.rules.ssm import GatedNormRule, HeldParametersRule
 from gxi_ssm import Float64Inside, reference_relevance
 
@@ -210,6 +210,10 @@ def test_family_is_found_and_mixers_are_held(name):
     x = embeddings(model)
     with comp.context(model):
         model(inputs_embeds=x.requires_grad_(), use_cache=False)
+        # single-input norms are found by the automatic detector (no family entry)
+        norms = [m for m in model.modules()
+                 if isinstance(m, Rule) and type(m.module).__name__.endswith("RMSNorm")]
+        assert norms and all(isinstance(m, NormRule) for m in norms)
         mixers = [m for m in model.modules() if isinstance(m, HeldParametersRule)]
         assert len(mixers) == MIXER_COUNT.get(name, 2)
         for mixer in mixers:
