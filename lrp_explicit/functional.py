@@ -218,8 +218,10 @@ class AliasFunction(torch.autograd.Function):
 def alias(t: Tensor) -> Tensor:
     """An alias of ``t`` for observers (:class:`AliasFunction`); a tensor that autograd does
     not let code update in place (a leaf that requires grad, see :func:`writable`) gets a
-    view, which keeps that protection."""
-    return AliasFunction.apply(t) if writable(t) else t.view_as(t)
+    view, which keeps that protection, and so does any tensor while grad is disabled."""
+    if not torch.is_grad_enabled() or not writable(t):
+        return t.view_as(t)  # (without grad a Function's output would not require grad)
+    return AliasFunction.apply(t)
 
 
 def preserve_saved(t: Tensor) -> None:

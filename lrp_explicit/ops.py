@@ -499,29 +499,27 @@ def _batched_addmm(func, args, kwargs, epsilon):
     return lf.AddmmEpsilonFunction.apply(c, m1, m2, beta, alpha, epsilon, func)
 
 
-_BIAS_POSITION = 2  # F.conv*(input, weight, bias, …)
-
-
 def _convolution(func, args, kwargs, epsilon):
     """Functional convolutions (``F.conv1d``/``conv2d``/``conv3d`` and the transposed ones,
     as the short causal convolution of state-space layers calls them): linear in the input, so
     the ε-rule ``R_x = x ⊙ Jᵀ(R ⊘ s(z))`` through one vector-Jacobian product; the weight is a
     constant (frozen) and the bias absorbs its share. A weight on the relevance path makes
     the convolution bilinear: uniform-ε, half to each."""
-    bias = _arg(args, kwargs, _BIAS_POSITION, "bias")
-    rest = list(args[_BIAS_POSITION + 1:]) + [v for k, v in kwargs.items()
-                                             if k not in ("input", "weight")]
-    if on_path(bias) or any(on_path(t) for t in rest) or len(args) < 2:
-        raise NoRule
-    x, weight = args[0], args[1]
+    x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
     tail = args[2:]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) \
+            or any(on_path(t) for t in list(tail) + list(kwargs.values())):
+        raise NoRule  # a bias on the path: not linear in the input and weight
+
+    def call(t: Tensor, w: Tensor) -> Tensor:
+        return func(t, w, *tail, **kwargs)
+
     if on_path(x) and on_path(weight):
-        return lf.bilinear_uniform(lambda t, w: func(t, w, *tail, **kwargs), x, weight,
-                                   epsilon=epsilon)
+        return lf.bilinear_uniform(call, x, weight, epsilon=epsilon)
     if on_path(x):
-        return lf.bilinear_uniform(lambda t: func(t, weight, *tail, **kwargs), x,
-                                   epsilon=epsilon)
-    return lf.bilinear_uniform(lambda w: func(x, w, *tail, **kwargs), weight, epsilon=epsilon)
+        return lf.bilinear_uniform(lambda t: call(t, weight), x, epsilon=epsilon)
+    return lf.bilinear_uniform(lambda w: call(x, w), weight, epsilon=epsilon)
 
 
 def _cumsum(func, args, kwargs, epsilon):

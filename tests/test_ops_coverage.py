@@ -80,6 +80,21 @@ def test_functional_convolution_is_the_epsilon_rule(form):
     assert torch.allclose(grad.sum() + bias_share, relevance.sum(), rtol=1e-9)
 
 
+def test_functional_convolution_with_keyword_operands():
+    """Bailing-hybrid's causal convolution passes weight and bias by keyword."""
+    x, w, b = randn(1, 4, 6), randn(4, 1, 3), randn(4)
+
+    def fn(t):
+        return F.conv1d(t, weight=w, bias=b, padding=2, groups=4)[..., :6]
+
+    out, (grad,), relevance = dispatched(fn, [x])
+    assert torch.equal(out, fn(x))
+    full = torch.zeros(1, 4, 8, dtype=D)
+    full[..., :6] = relevance
+    z = F.conv1d(x, w, b, padding=2, groups=4)
+    close(grad, x * torch.nn.grad.conv1d_input(x.shape, w, full / s(z), padding=2, groups=4))
+
+
 def test_convolution_with_both_operands_on_the_path_is_uniform():
     x, w = randn(2, 3, 8), randn(5, 3, 3)
     out, (gx, gw), relevance = dispatched(lambda t, k: F.conv1d(t, k), [x, w])
@@ -308,6 +323,28 @@ def test_augmented_assignment_on_the_explained_leaf_runs_out_of_place():
     with pytest.raises(RuntimeError, match="leaf"):
         with composites.get("attnlrp").op_rules():
             leaf.mul_(2.0)
+
+
+def test_alias_shares_storage_and_takes_in_place_updates():
+    """The audit's aliases of module inputs and outputs: not views (an in-place update of a
+    view would drop the ledger's tensor hook), sharing storage (the update is seen by every
+    other holder, as for the plain model); a view without grad and for the explained leaf."""
+    from lrp_explicit import functional as lf
+
+    x = randn(3).requires_grad_()
+    y = x * 2.0
+    a = lf.alias(y)
+    seen = []
+    a.register_hook(seen.append)
+    assert a._base is None and a.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+    a.mul_(5.0)
+    assert torch.equal(y.detach(), x.detach() * 10.0)
+    a.sum().backward()
+    assert torch.equal(seen[0], torch.full((3,), 5.0, dtype=D))  # the value before the update
+    assert lf.alias(x)._base is x  # the leaf keeps autograd's protection
+    with torch.no_grad():
+        quiet = lf.alias(y)
+    assert quiet.requires_grad  # a hook can still be registered on it
 
 
 # ---------------------------------------------------------------------------- foreign Functions
