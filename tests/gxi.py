@@ -128,33 +128,43 @@ class _Mode(TorchFunctionMode):
                              out_proj_weight, out_proj_bias, training=True, key_padding_mask=None,
                              need_weights=True, attn_mask=None, average_attn_weights=True,
                              is_causal=False, **kwargs):
-        """Self-attention of ``nn.MultiheadAttention`` (sequence first), packed projections:
+        """Attention of ``nn.MultiheadAttention`` (sequence first), packed projections, over
+        one key/value tensor (self-attention, or a query such as SigLIP's learned probe):
         linear maps unchanged, the attention with the tricks above. Masks (``True`` or −inf:
         not attended) are added to the scores as one additive mask; the ``is_causal`` hint
         needs the causal ``attn_mask`` anyway, so it adds nothing."""
-        assert query is key is value and bias_k is None and not add_zero_attn
+        assert key is value and bias_k is None and not add_zero_attn
         batched = query.dim() == 3
         x = query if batched else query.unsqueeze(1)
+        kv = key if batched else key.unsqueeze(1)
         length, batch, _ = x.shape
+        source = kv.shape[0]
         head = embed_dim // num_heads
 
         def split(t):
-            return t.reshape(length, batch, num_heads, head).permute(1, 2, 0, 3)
+            return t.reshape(t.shape[0], batch, num_heads, head).permute(1, 2, 0, 3)
 
         def additive(mask):
             if mask.dtype == torch.bool:
                 return torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask, float("-inf"))
             return mask.to(x.dtype)
 
-        bias = torch.zeros(batch, num_heads, length, length, dtype=x.dtype)
+        bias = torch.zeros(batch, num_heads, length, source, dtype=x.dtype)
         if attn_mask is not None:
             m = additive(attn_mask)
-            bias = bias + (m if m.dim() == 2 else m.view(batch, num_heads, length, length))
+            bias = bias + (m if m.dim() == 2 else m.view(batch, num_heads, length, source))
         if key_padding_mask is not None:
             m = additive(key_padding_mask if batched else key_padding_mask.unsqueeze(0))
             bias = bias + m[:, None, None, :]
         masked = attn_mask is not None or key_padding_mask is not None
-        q, k, v = F.linear(x, in_proj_weight, in_proj_bias).chunk(3, -1)
+        if query is key:
+            q, k, v = F.linear(x, in_proj_weight, in_proj_bias).chunk(3, -1)
+        else:
+            b_q, b_kv = (None, None) if in_proj_bias is None else \
+                in_proj_bias.split([embed_dim, 2 * embed_dim])
+            w_q, w_kv = in_proj_weight.split([embed_dim, 2 * embed_dim])
+            q = F.linear(x, w_q, b_q)
+            k, v = F.linear(kv, w_kv, b_kv).chunk(2, -1)
         out = self.attention(split(q), split(k), split(v), attn_mask=bias if masked else None)
         out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim),
                        out_proj_weight, out_proj_bias)

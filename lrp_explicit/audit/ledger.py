@@ -122,6 +122,7 @@ class Ledger:
         self.counter = itertools.count()
         self.names: dict[int, tuple[str, nn.Module]] = {}
         self.nodes: list[Node] = []
+        self.alias_of: dict[int, tuple[Call, bool]] = {}
 
     # ------------------------------------------------------------------ forward hooks
 
@@ -180,6 +181,7 @@ class Ledger:
         memo[id(t)] = alias
         call.has_path = True
         call.alias_nodes.append(alias.grad_fn)
+        self.alias_of[id(alias.grad_fn)] = (call, is_input)
         finite = torch.isfinite(t).all()
         if is_input:
             call.forward_in = finite if call.forward_in is None else call.forward_in & finite
@@ -234,12 +236,64 @@ class Ledger:
                 if not any(node.variable is t for t in leaves):
                     leaves.append(node.variable)
                 continue
+            self._hook_sideways(node, edges, starts)
             if id(node) in aliases:
                 continue
             entry = self._classify(node, edges, starts, bias_cache)
             node.register_hook(self._node_hook(entry))
             nodes.append(entry)
         return nodes, leaves
+
+    def _hook_sideways(self, node: Any, edges: Any, starts: list[int]) -> None:
+        """Relevance that leaves a module through the output of one of its submodules, used
+        outside it (transformers' captured hidden states: LLaVA reads a vision layer's output
+        that the encoder does not return) crosses the boundary of every module between that
+        submodule and the user: count it as relevance at their outputs. Likewise relevance
+        that reaches an explained input where a module uses it, not through the model's
+        arguments: count it as relevance at the inputs of that module and those around it."""
+        crossings = []
+        mine = self.alias_of.get(id(node))
+        user = mine[0] if mine is not None else self._owner(node._sequence_nr(), starts)
+        for j, (child, _) in enumerate(edges):
+            if child is None:
+                continue
+            produced = self.alias_of.get(id(child))
+            if produced is not None and not produced[1]:
+                around = set()
+                call = user
+                while call is not None:
+                    around.add(id(call))
+                    call = call.parent
+                crossed = []
+                call = produced[0].parent
+                while call is not None and id(call) not in around:
+                    crossed.append(call)
+                    call = call.parent
+                if crossed:
+                    crossings.append((j, crossed, False))
+            elif type(child).__name__ == "AccumulateGrad" \
+                    and not isinstance(child.variable, nn.Parameter):
+                # an explained input used inside a module (a dual encoder's text embeddings
+                # handed to its tower by a hook): it enters the user and all modules around it
+                call = user.parent if mine is not None and mine[1] else user
+                crossed = []
+                while call is not None:
+                    crossed.append(call)
+                    call = call.parent
+                if crossed:
+                    crossings.append((j, crossed, True))
+        if not crossings:
+            return
+
+        def hook(grad_inputs, grad_outputs) -> None:
+            for j, crossed, entering in crossings:
+                if grad_inputs[j] is None:
+                    continue
+                total = grad_inputs[j].sum(dtype=torch.float64)
+                for call in crossed:
+                    (call.in_sum if entering else call.out_sum).append(total)
+
+        node.register_hook(hook)
 
     def _owner(self, seq: int, starts: list[int]) -> Call | None:
         i = bisect.bisect_right(starts, seq) - 1
@@ -255,7 +309,9 @@ class Ledger:
         name = type(node).__name__
         kind: str | None
         if cls is None:
-            kind = "constant" if name.startswith(_CONSTANT_NODES) else f"autograd:{name}"
+            constant = name.startswith(_CONSTANT_NODES) or (name.startswith("Cat")
+                                                            and not all(live))
+            kind = "constant" if constant else f"autograd:{name}"
         elif not (cls.__module__ or "").startswith("lrp_explicit"):
             name = cls.__qualname__
             kind = f"function:{name}"

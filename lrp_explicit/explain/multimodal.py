@@ -20,6 +20,7 @@ of the pixels and one of the text tokens and shows them side by side.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -41,7 +42,7 @@ from . import store
 from .result import _CLASS_OF, _KIND_OF, Explanation, _latent_of, _latent_record
 
 __all__ = ["IMAGE_TEXT_SIMILARITY", "IMAGE_TEXT_TO_TEXT", "ImageTextExplanation",
-           "explain_image_text", "explain_vision_language", "overlay"]
+           "explain_image_text", "explain_vision_language", "overlay", "prepare_image_text"]
 
 #: The task of a dual image–text encoder (CLIP).
 IMAGE_TEXT_SIMILARITY = "image-text-similarity"
@@ -297,6 +298,8 @@ def _pair(inputs: Any) -> tuple[Any, Any]:
     if isinstance(inputs, Mapping):
         image = inputs.get("pixel_values", inputs.get("image"))
         text = inputs.get("input_ids", inputs.get("text"))
+        if image is not None and any(k in inputs for k in ("image_grid_thw", "spatial_shapes")):
+            image = {k: v for k, v in inputs.items() if k not in ("input_ids", "text")}
         if image is None or text is None:
             raise ValueError("a dict input needs pixel_values (or image) and input_ids (or "
                              f"text), got keys {sorted(inputs)}")
@@ -343,7 +346,189 @@ def _latent_row(latent: dict[str, Tensor], b: int, size: int) -> dict[str, Tenso
             for k, v in latent.items()}
 
 
-# ============================================================================ CLIP
+# ============================================================================ image layouts
+
+#: Pixels as ``(batch, channels, height, width)`` (CLIP, SigLIP, LLaVA, Gemma 3).
+DENSE = "dense"
+#: Flattened patches of all images, ``(patches, channels · frames · p · p)``, with their grid
+#: ``image_grid_thw`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+GRID = "grid"
+#: Flattened patches ``(batch, patches, p · p · channels)`` with ``spatial_shapes`` and
+#: ``pixel_attention_mask`` (SigLIP 2).
+NAFLEX = "naflex"
+#: The image arguments besides ``pixel_values`` of each layout.
+_IMAGE_KEYS = {DENSE: (), GRID: ("image_grid_thw",),
+               NAFLEX: ("spatial_shapes", "pixel_attention_mask")}
+
+
+@dataclass
+class _Image:
+    """One image as the model takes it: ``pixels`` in its layout (dense ``(1, C, H, W)``,
+    grid ``(patches, D)``, naflex ``(1, patches, D)``) and the other image arguments."""
+
+    pixels: Tensor
+    kwargs: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _layout(model: nn.Module) -> str:
+    """How the model takes its pixels (:data:`DENSE`, :data:`GRID` or :data:`NAFLEX`)."""
+    vision = getattr(getattr(unwrap(model), "config", None), "vision_config", None)
+    if vision is None:
+        return DENSE
+    if hasattr(vision, "temporal_patch_size") and hasattr(vision, "spatial_merge_size"):
+        return GRID
+    if str(getattr(vision, "model_type", "")).startswith("siglip2"):
+        return NAFLEX
+    return DENSE
+
+
+def _vision(model: nn.Module) -> Any:
+    return unwrap(model).config.vision_config
+
+
+def _to_patches(model: nn.Module, x: Tensor) -> _Image:
+    """Pixels ``(C, H, W)`` as the model's image processor lays them out: the same values in
+    the same order (Qwen-VL: each frame repeated ``temporal_patch_size`` times, patches grouped
+    by ``spatial_merge_size`` blocks; SigLIP 2: row-major patches of ``(p, p, C)``)."""
+    layout, vision = _layout(model), _vision(model)
+    channels, height, width = x.shape
+    p = vision.patch_size
+    block = p * (vision.spatial_merge_size if layout == GRID else 1)
+    if height % block or width % block:
+        raise InputError(f"a {height}×{width} image does not split into {block}×{block} blocks "
+                         "of patches; resize it (or pass the processor's output)")
+    h, w = height // p, width // p
+    if layout == GRID:
+        m, frames = vision.spatial_merge_size, vision.temporal_patch_size
+        patches = x[None].expand(frames, channels, height, width)
+        patches = patches.reshape(1, frames, channels, h // m, m, p, w // m, m, p)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(h * w, -1)
+        grid = torch.tensor([[1, h, w]], device=x.device)
+        return _Image(patches.contiguous(), {"image_grid_thw": grid})
+    patches = x.reshape(channels, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(1, h * w, -1)
+    return _Image(patches.contiguous(), {
+        "spatial_shapes": torch.tensor([[h, w]], device=x.device),
+        "pixel_attention_mask": torch.ones(1, h * w, dtype=torch.long, device=x.device)})
+
+
+def _to_grid(model: nn.Module, image: _Image, values: Tensor, relevance: bool) -> Tensor:
+    """``values`` of the shape of ``image.pixels`` back on the picture: relevance ``(H, W)``
+    summed over channels (and repeated frames), or the pixels ``(C, H, W)`` (first frame)."""
+    layout = _layout(model)
+    if layout == DENSE:
+        return values[0].sum(0) if relevance else values[0]
+    vision = _vision(model)
+    p = vision.patch_size
+    if layout == GRID:
+        m, frames = vision.spatial_merge_size, vision.temporal_patch_size
+        t, h, w = (int(v) for v in image.kwargs["image_grid_thw"][0])
+        x = values.reshape(t, h // m, w // m, m, m, -1, frames, p, p)
+        x = x.sum((0, 6)) if relevance else x[0, :, :, :, :, :, 0]   # (h/m, w/m, m, m, C, p, p)
+        x = x.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, h * p, w * p)
+    else:
+        h, w = (int(v) for v in image.kwargs["spatial_shapes"][0])
+        x = values[0, :h * w].reshape(h, w, p, p, -1).permute(4, 0, 2, 1, 3)
+        x = x.reshape(-1, h * p, w * p)
+    return x.sum(0) if relevance else x
+
+
+def _image(model: nn.Module, image: Any, processor: Any) -> _Image:
+    """One image in the model's layout from a PIL image (with the processor), a dict of the
+    processor's image outputs, pixel values ``(C, H, W)`` or, for dense layouts,
+    ``(1, C, H, W)``."""
+    layout = _layout(model)
+    if _is_image(image):
+        if processor is None:
+            raise ValueError("an image needs its processor: explain(model, (image, text), "
+                             "tokenizer=processor)")
+        image = processor(images=image.convert("RGB"), return_tensors="pt")
+    if isinstance(image, Mapping):
+        missing = [k for k in ("pixel_values",) + _IMAGE_KEYS[layout] if k not in image]
+        if missing:
+            raise InputError(f"the image needs {', '.join(missing)} (as the model's processor "
+                             f"returns them), got keys {sorted(image)}")
+        if layout == DENSE:
+            image = image["pixel_values"]
+        else:
+            kwargs = {k: torch.as_tensor(image[k]).to(_device(model)) for k in _IMAGE_KEYS[layout]}
+            first = kwargs[_IMAGE_KEYS[layout][0]]
+            if first.shape[0] != 1:
+                raise InputError(f"{_IMAGE_KEYS[layout][0]} has shape {tuple(first.shape)}: "
+                                 "give one image per sample")
+            pixels = torch.as_tensor(image["pixel_values"]).to(_device(model), _dtype(model))
+            return _Image(pixels, kwargs)
+    if layout == DENSE:
+        return _Image(_pixels(model, image, None))
+    if not isinstance(image, Tensor) or not image.is_floating_point():
+        raise TypeError("the image is a PIL image, the processor's output or a float tensor of "
+                        f"pixel values, not {type(image).__name__}")
+    image = image[0] if image.dim() == 4 and image.shape[0] == 1 else image
+    if image.dim() != 3:
+        raise InputError(f"pixel values have shape {tuple(image.shape)}; give one image "
+                         "(channels, height, width), or the processor's output (flattened "
+                         "patches with their grid) as a dict")
+    return _to_patches(model, image.to(_device(model), _dtype(model)))
+
+
+def _stack(model: nn.Module, images: Sequence[_Image]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The pixels and image arguments of several images in one call (grid layouts concatenate
+    the patches of all images; the others stack along the batch)."""
+    pixels = torch.cat([im.pixels for im in images])
+    keys = _IMAGE_KEYS[_layout(model)]
+    return pixels, {k: torch.cat([im.kwargs[k] for im in images]) for k in keys}
+
+
+def _unstack(model: nn.Module, images: Sequence[_Image], values: Tensor) -> list[Tensor]:
+    """``values`` of the shape of :func:`_stack`'s pixels, split back into one per image."""
+    if _layout(model) == GRID:
+        return list(values.split([im.pixels.shape[0] for im in images]))
+    return [values[b:b + 1] for b in range(len(images))]
+
+
+def _groups(keys: Sequence[Any], size: int) -> list[list[int]]:
+    """Indices of the samples that share a pass: the same key, at most ``size`` per pass."""
+    by_key: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    return [idx[s:s + size] for idx in by_key.values() for s in range(0, len(idx), size)]
+
+
+def _safe_ids(embedding: nn.Module, ids: Tensor) -> Tensor:
+    """``ids`` with those beyond the embedding table as 0 (Gemma 3 does so for an image token
+    outside its vocabulary before it looks the embeddings up)."""
+    size = getattr(embedding, "num_embeddings", None)
+    return ids if size is None else ids.masked_fill(ids >= size, 0)
+
+
+def _hooked(model: nn.Module, embedding: nn.Module, ids: Tensor, pixels: Tensor,
+            kwargs: Mapping[str, Any]) -> Prepared:
+    """Pixels and text embeddings as leaves, the model run on the ids: the first call of its
+    token ``embedding`` returns the embeddings leaf (equal in value), so everything the model
+    derives from the ids (CLIP's pooling, M-RoPE positions, image placeholders, token types)
+    stays as it is."""
+    with torch.no_grad():
+        text = embedding(_safe_ids(embedding, ids))
+    leaves = {"pixel_values": make_leaf(pixels), "inputs_embeds": make_leaf(text)}
+
+    def run(runner: nn.Module) -> Any:
+        fired: list[bool] = []
+
+        def hook(module: nn.Module, args: Any, out: Any) -> Any:
+            if fired:
+                return out
+            fired.append(True)
+            return leaves["inputs_embeds"]
+
+        handle = embedding.register_forward_hook(hook)
+        try:
+            return runner(input_ids=ids, pixel_values=leaves["pixel_values"], **kwargs)
+        finally:
+            handle.remove()
+
+    return Prepared(leaves, {"input_ids": ids, **kwargs}, call=run)
+
+
+# ============================================================================ CLIP, SigLIP
 
 
 def _token_embedding(model: nn.Module) -> nn.Module:
@@ -357,50 +542,51 @@ def _token_embedding(model: nn.Module) -> nn.Module:
     return module
 
 
-def _clip_input(model: nn.Module, pixels: Tensor, ids: Tensor, mask: Tensor) -> Prepared:
+#: Dual encoders whose text tower pools at the last position (SigLIP, SigLIP 2): a padded
+#: text would pool at a pad token, so only texts of one length share a pass.
+_POOL_AT_END = ("siglip", "siglip2")
+
+
+def _pools_at_end(model: nn.Module) -> bool:
+    return getattr(getattr(unwrap(model), "config", None), "model_type", None) in _POOL_AT_END
+
+
+def _clip_input(model: nn.Module, images: Sequence[_Image], ids: Tensor,
+                mask: Tensor) -> Prepared:
     """Pixels and text embeddings as leaves; the model runs on the ids with the embeddings
     handed to its text tower by a forward hook (they equal the looked-up ones)."""
-    embedding = _token_embedding(model)
     device = _device(model)
-    ids, mask = ids.to(device), mask.to(device)
-    with torch.no_grad():
-        text = embedding(ids)
-    leaves = {"pixel_values": make_leaf(pixels), "inputs_embeds": make_leaf(text)}
-
-    def run(runner: nn.Module) -> Any:
-        handle = embedding.register_forward_hook(lambda module, args, out: leaves["inputs_embeds"])
-        try:
-            return runner(input_ids=ids, pixel_values=leaves["pixel_values"],
-                          attention_mask=mask)
-        finally:
-            handle.remove()
-
-    return Prepared(leaves, {"input_ids": ids, "attention_mask": mask}, call=run)
+    pixels, kwargs = _stack(model, images)
+    return _hooked(model, _token_embedding(model), ids.to(device), pixels,
+                   {"attention_mask": mask.to(device), **kwargs})
 
 
 def explain_image_text(model: nn.Module, inputs: Any, target: Any = None,
                        composite: Composite | None = None, contrast: Any = None,
                        tokenizer: Any = None, *, record: Sequence[str] = (),
                        batch_size: int = 8) -> ImageTextExplanation | list[ImageTextExplanation]:
-    """Explain the image–text similarity of a dual encoder (``CLIPModel``): relevance of the
-    pixels and of the text tokens for the pair's ``logits_per_image`` entry, in one backward
-    pass.
+    """Explain the image–text similarity of a dual encoder (``CLIPModel``, ``SiglipModel``,
+    ``Siglip2Model``): relevance of the pixels and of the text tokens for the pair's
+    ``logits_per_image`` entry, in one backward pass.
 
     Parameters
     ----------
     model : nn.Module
-        A ``CLIPModel``.
+        A ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model``.
     inputs : tuple, dict or list
-        A pair ``(image, text)``: a PIL image (with the processor as ``tokenizer``) or pixel
-        values ``(C, H, W)``, and a text (with a tokenizer or processor) or token ids; or a
-        dict with ``pixel_values`` and ``input_ids``; a list of pairs is a batch (texts padded
-        on the right; each pair gets the relevance it gets alone).
+        A pair ``(image, text)``: a PIL image (with the processor as ``tokenizer``), pixel
+        values ``(C, H, W)`` (SigLIP 2: cut into its patches here) or the processor's image
+        outputs as a dict, and a text (with a tokenizer or processor) or token ids; or a dict
+        with ``pixel_values`` (SigLIP 2: with ``spatial_shapes`` and
+        ``pixel_attention_mask``) and ``input_ids``; a list of pairs is a batch (CLIP: texts
+        padded on the right; SigLIP pools at the last token, so only texts of one length share
+        a pass; each pair gets the relevance it gets alone).
     target, contrast
         Must be ``None``: a pair has one similarity.
     composite : Composite
         The resolved composite.
     tokenizer : processor or tokenizer, optional
-        A ``CLIPProcessor`` (text and images) or a tokenizer (text).
+        A ``CLIPProcessor`` / ``SiglipProcessor`` (text and images) or a tokenizer (text).
     record : sequence of str
         Module-name patterns whose output relevance is kept.
     batch_size : int
@@ -409,6 +595,8 @@ def explain_image_text(model: nn.Module, inputs: Any, target: Any = None,
     Returns
     -------
     ImageTextExplanation or list of ImageTextExplanation
+        The image part's relevance is per pixel ``(H, W)``, SigLIP 2's patches put back on
+        the picture (:meth:`ImageTextExplanation.patches` sums them per patch).
     """
     if composite is None:
         raise TypeError("explain_image_text needs a resolved composite")
@@ -420,14 +608,17 @@ def explain_image_text(model: nn.Module, inputs: Any, target: Any = None,
     pairs = []
     for sample in samples:
         image, text = _pair(sample)
-        pairs.append((_pixels(model, image, processor), _ids(text, text_tokenizer)))
+        pairs.append((_image(model, image, processor), _ids(text, text_tokenizer)))
     config = getattr(unwrap(model).config, "text_config", None)
     pad = getattr(config, "pad_token_id", None) or 0
-    out: list[ImageTextExplanation] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    at_end, layout = _pools_at_end(model), _layout(model)
+    keys = [(t.shape[0] if at_end else None,
+             tuple(im.pixels.shape) if layout == NAFLEX else None) for im, t in pairs]
+    out: list[ImageTextExplanation | None] = [None] * len(pairs)
+    for group in _groups(keys, batch_size):
+        chunk = [pairs[i] for i in group]
         ids, mask = _pad_ids([t for _, t in chunk], pad)
-        item = _clip_input(model, torch.cat([p for p, _ in chunk]), ids, mask)
+        item = _clip_input(model, [im for im, _ in chunk], ids, mask)
 
         def similarity(output: Any) -> Target:
             y = output.logits_per_image.diagonal()
@@ -441,63 +632,153 @@ def explain_image_text(model: nn.Module, inputs: Any, target: Any = None,
         if pixels is None or text is None:
             raise ValueError("no relevance reached the image or the text")
         scores = result.target.explained.detach()
-        for b, (p, t) in enumerate(chunk):
+        per_image = _unstack(model, [im for im, _ in chunk], pixels.detach())
+        for b, (i, (im, t)) in enumerate(zip(group, chunk)):
             n = t.shape[0]
-            image_r, text_r = pixels[b].detach().sum(0).cpu(), text[b, :n].detach().sum(-1).cpu()
+            image_r = _to_grid(model, im, per_image[b], True).cpu()
+            text_r = text[b, :n].detach().sum(-1).cpu()
             check_finite(image_r, "relevance")
             check_finite(text_r, "relevance")
             score = float(scores[b])
             label = "similarity of the image and the text"
             common = dict(score=score, target=None, label=label, task=IMAGE_TEXT_SIMILARITY,
                           composite=composite.name, model=model_name(model))
-            out.append(ImageTextExplanation(
-                image=Explanation(tokens=None, relevance=image_r, image=_display(p[0]),
+            out[i] = ImageTextExplanation(
+                image=Explanation(tokens=None, relevance=image_r,
+                                  image=_display(_to_grid(model, im, im.pixels, False)),
                                   **common),
                 text=Explanation(tokens=_names(text_tokenizer, t.tolist()), relevance=text_r,
                                  ids=t.tolist(), **common),
                 score=score, label=label, task=IMAGE_TEXT_SIMILARITY,
                 latent=_latent_row(result.latent, b, len(chunk)), composite=composite.name,
-                model=model_name(model)))
-    return out if batched else out[0]
+                model=model_name(model))
+    return out if batched else out[0]  # type: ignore[return-value]
 
 
-# ============================================================================ LLaVA
+# ======================================================================= LLaVA, Gemma 3, Qwen-VL
 
 
 @dataclass
 class _Row:
-    pixels: Tensor            # (1, C, H, W)
+    image: _Image             # the image in the model's layout
     ids: Tensor               # (L,) prompt ids, image placeholders expanded
     token: int | None         # the explained token (None: the prediction)
     contrast: Any = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _vlm_sample(model: nn.Module, sample: Any, tokenizer: Any) -> tuple[Tensor, Tensor]:
-    """Pixels ``(1, C, H, W)`` and prompt ids ``(L,)`` (image tokens expanded)."""
+def _vlm_sample(model: nn.Module, sample: Any, tokenizer: Any) -> tuple[_Image, Tensor]:
+    """The image in the model's layout and the prompt ids ``(L,)`` (image tokens expanded)."""
     text_tokenizer, processor = _parts(tokenizer)
     if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[1], str) \
             and tokenizer is not None and hasattr(tokenizer, "image_processor"):
         image, text = sample
         enc = tokenizer(images=image.convert("RGB") if _is_image(image) else image, text=text,
                         return_tensors="pt")
-        return _pixels(model, enc["pixel_values"], None), enc["input_ids"].reshape(-1).cpu()
+        return _image(model, enc, None), enc["input_ids"].reshape(-1).cpu()
     image, text = _pair(sample)
-    return _pixels(model, image, processor), _ids(text, text_tokenizer)
+    return _image(model, image, processor), _ids(text, text_tokenizer)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _token_types(model: nn.Module, ids: Tensor) -> dict[str, Tensor]:
+    """The token types a vision–language model's processor returns beside the ids, derived
+    from them: Qwen-VL's ``mm_token_type_ids`` (1 image, 2 video: its M-RoPE positions need
+    them) and Gemma 3's ``token_type_ids`` (1 image: image tokens attend to each other both
+    ways)."""
+    config = unwrap(model).config
+    image = getattr(config, "image_token_id", None)
+    if image is None:
+        return {}
+    if _accepts(model, "mm_token_type_ids"):
+        types = (ids == image).long()
+        video = getattr(config, "video_token_id", None)
+        if video is not None:
+            types = types + 2 * (ids == video).long()
+        return {"mm_token_type_ids": types}
+    if getattr(config, "model_type", None) == "gemma3":
+        return {"token_type_ids": (ids == image).long()}
+    return {}
+
+
+def _vlm_kwargs(model: nn.Module, ids: Tensor, mask: Tensor | None,
+                images: Sequence[_Image]) -> tuple[Tensor, dict[str, Any]]:
+    """Pixels and the other arguments of one pass (ids ``(batch, L)`` on the device)."""
+    pixels, kwargs = _stack(model, images)
+    kwargs.update(_token_types(model, ids))
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    return pixels, kwargs
 
 
 def _vlm_input(model: nn.Module, rows: list[_Row]) -> Prepared:
-    embedding = unwrap(model).get_input_embeddings()
-    ids, mask = _pad_ids([r.ids for r in rows], 0)
+    """Pixels and prompt embeddings as leaves; the model runs on the ids (its image
+    placeholders, token types and M-RoPE positions come from them) with the embeddings handed
+    over by a hook on its input embedding. Rows of different lengths are padded on the right
+    and masked."""
     device = _device(model)
+    config = getattr(unwrap(model).config, "text_config", None)
+    ids, mask = _pad_ids([r.ids for r in rows], getattr(config, "pad_token_id", None) or 0)
+    ragged = len({r.ids.shape[0] for r in rows}) > 1
+    ids = ids.to(device)
+    pixels, kwargs = _vlm_kwargs(model, ids, mask.to(device) if ragged else None,
+                                 [r.image for r in rows])
+    return _hooked(model, unwrap(model).get_input_embeddings(), ids, pixels, kwargs)
+
+
+def _rope_positions(model: nn.Module, ids: Tensor, kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The M-RoPE positions a Qwen-VL model computes from the ids (its own ``get_rope_index``),
+    for a pass on embeddings; ``None`` for other models."""
+    inner = getattr(unwrap(model), "model", None)
+    rope_index = getattr(inner, "get_rope_index", None)
+    if rope_index is None or "mm_token_type_ids" not in kwargs:
+        return None
+    names = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask",
+             "second_per_grid_ts")
+    return rope_index(input_ids=ids, **{k: kwargs[k] for k in names if k in kwargs})[0]
+
+
+def prepare_image_text(model: nn.Module, inputs: Mapping[str, Any], task: str) -> Prepared:
+    """The pixels and the text embeddings of a dict of model inputs (``input_ids``,
+    ``pixel_values`` and what the processor returned beside them) as leaves of one pass, for
+    :func:`lrp_explicit.audit` and :func:`lrp_explicit.check` on an image–text model.
+
+    A vision–language model runs on the embeddings (both leaves are then arguments of the
+    model, where the audit's ledger sees them enter) with what it would derive from the ids
+    passed alongside: the token types (Gemma 3, Qwen-VL) and Qwen-VL's M-RoPE positions, from
+    its own ``get_rope_index``; its output equals that of the model run on the dict. A dual
+    encoder's text tower takes only ids: its embeddings are handed over by a hook."""
+    device = _device(model)
+    ids = torch.as_tensor(inputs["input_ids"]).to(device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    pixels = torch.as_tensor(inputs["pixel_values"]).to(device, _dtype(model))
+    if _layout(model) == DENSE and pixels.dim() == 3:
+        pixels = pixels[None]
+    kwargs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()
+              if k not in ("input_ids", "pixel_values")}
+    if task == IMAGE_TEXT_SIMILARITY:
+        return _hooked(model, _token_embedding(model), ids, pixels, kwargs)
+    for key, value in _token_types(model, ids).items():
+        kwargs.setdefault(key, value)
+    if "position_ids" not in kwargs:
+        positions = _rope_positions(model, ids, kwargs)
+        if positions is not None:
+            kwargs["position_ids"] = positions
+    if _accepts(model, "use_cache"):
+        kwargs.setdefault("use_cache", False)
+    embedding = unwrap(model).get_input_embeddings()
     with torch.no_grad():
-        x = embedding(ids.to(device))
-    x = x * mask.to(device)[..., None].to(x.dtype)  # padding: zeros, masked
-    leaves = {"inputs_embeds": make_leaf(x),
-              "pixel_values": make_leaf(torch.cat([r.pixels for r in rows]))}
-    kwargs = {"attention_mask": mask.to(device)} if len({r.ids.shape[0] for r in rows}) > 1 \
-        else {}
-    return Prepared(leaves, kwargs)
+        text = embedding(_safe_ids(embedding, ids))
+    leaves = {"inputs_embeds": make_leaf(text), "pixel_values": make_leaf(pixels)}
+    return Prepared(leaves, kwargs, ids=ids.cpu())
 
 
 def _next_token(rows: list[_Row], tokenizer: Any, size: int):
@@ -580,18 +861,21 @@ def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
         token = token_ids(target, text_tokenizer, size, "target", several=False)[0]
     rows: list[_Row] = []
     for sample in samples:
-        pixels, ids = _vlm_sample(model, sample, tokenizer)
+        image, ids = _vlm_sample(model, sample, tokenizer)
         if generate is None:
-            rows.append(_Row(pixels, ids, token, contrast))
+            rows.append(_Row(image, ids, token, contrast))
             continue
         if isinstance(generate, bool) or as_index(generate) is None or int(generate) < 1:
             raise ValueError(f"generate must be a positive int, got {generate!r}")
         options = {"max_new_tokens": int(generate), "do_sample": False, **(generation_kwargs or {})}
+        prompt = ids[None].to(_device(model))
+        pixels, kwargs = _vlm_kwargs(model, prompt, None, [image])
+        kwargs.pop("use_cache", None)
         with torch.no_grad():
-            out = unwrap(model).generate(input_ids=ids[None].to(_device(model)),
-                                         pixel_values=pixels, **options)
+            out = unwrap(model).generate(input_ids=prompt, pixel_values=pixels,
+                                         **kwargs, **options)
         new = [int(i) for i in out[0, ids.shape[0]:].tolist()]
-        rows += [_Row(pixels, torch.cat([ids, torch.tensor(new[:i], dtype=ids.dtype)]), t,
+        rows += [_Row(image, torch.cat([ids, torch.tensor(new[:i], dtype=ids.dtype)]), t,
                       contrast) for i, t in enumerate(new)]
     image_token = getattr(unwrap(model).config, "image_token_id", None)
     out_rows: list[ImageTextExplanation] = []
@@ -602,11 +886,12 @@ def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
         pixels, text = result.relevance["pixel_values"], result.relevance["inputs_embeds"]
         if pixels is None or text is None:
             raise ValueError("no relevance reached the image or the text")
+        per_image = _unstack(model, [r.image for r in chunk], pixels.detach())
         for b, row in enumerate(chunk):
             keep = row.ids != image_token if image_token is not None \
                 else torch.ones_like(row.ids, dtype=torch.bool)
             n = row.ids.shape[0]
-            image_r = pixels[b].detach().sum(0).cpu()
+            image_r = _to_grid(model, row.image, per_image[b], True).cpu()
             text_r = text[b, :n].detach().sum(-1).cpu()[keep]
             check_finite(image_r, "relevance")
             check_finite(text_r, "relevance")
@@ -617,7 +902,9 @@ def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
             kept = row.ids[keep].tolist()
             out_rows.append(ImageTextExplanation(
                 image=Explanation(tokens=None, relevance=image_r,
-                                  image=overlay(_display(row.pixels[0]), image_r), **common),
+                                  image=overlay(_display(_to_grid(model, row.image,
+                                                                  row.image.pixels, False)),
+                                                image_r), **common),
                 text=Explanation(tokens=_names(text_tokenizer, kept), relevance=text_r,
                                  ids=kept, **common),
                 score=info["score"], label=info["label"], task=IMAGE_TEXT_TO_TEXT,

@@ -397,6 +397,12 @@ def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
             else "inputs_embeds"
         return _from_tensor(model, key, inputs, {})
     if isinstance(inputs, Mapping):
+        if task in ("image-text-similarity", "image-text-to-text") \
+                and all(isinstance(inputs.get(k), Tensor) for k in ("input_ids", "pixel_values")) \
+                and not any(isinstance(v, Tensor) and v.requires_grad for v in inputs.values()):
+            from ..explain.multimodal import prepare_image_text  # (explain imports pipeline)
+
+            return prepare_image_text(model, inputs, task)  # pixels and text explained together
         return _from_mapping(model, dict(inputs), tokenizer)
     if callable(inputs) and not isinstance(inputs, nn.Module):
         return Prepared({}, call=inputs)

@@ -47,10 +47,12 @@ class MultiheadAttentionRule(Rule):
     absorbs its share of the relevance (ε-rule of the sum ``scores + mask``), and masked
     positions receive none.
 
-    Supported: self-attention (``query is key is value``), batched or not, ``batch_first``
-    either way, ``need_weights`` either way (the returned weights are constants), packed
-    projections, masks, no ``bias_k``/``bias_v``, no ``add_zero_attn``. Other calls raise
-    ``NotImplementedError``.
+    Supported: self-attention (``query is key is value``) and a query over one key/value tensor
+    (``key is value``: SigLIP's attention pooling of a learned probe over the patches; a query
+    off the relevance path sends all relevance to the keys and values), batched or not,
+    ``batch_first`` either way, ``need_weights`` either way (the returned weights are
+    constants), packed projections, masks, no ``bias_k``/``bias_v``, no ``add_zero_attn``.
+    Other calls raise ``NotImplementedError``.
 
     Parameters
     ----------
@@ -78,8 +80,8 @@ class MultiheadAttentionRule(Rule):
     def _check(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         mha = self.module
         problems = []
-        if not (query is key and key is value):
-            problems.append("cross-attention (query, key and value must be the same tensor)")
+        if key is not value:
+            problems.append("cross-attention with different key and value tensors")
         if not mha._qkv_same_embed_dim:
             problems.append("separate q/k/v projection weights (kdim/vdim)")
         if mha.bias_k is not None or mha.add_zero_attn:
@@ -88,8 +90,8 @@ class MultiheadAttentionRule(Rule):
             problems.append("attention dropout in training mode")
         if problems:
             raise NotImplementedError(
-                "MultiheadAttentionRule explains self-attention with packed projections; "
-                f"this call uses {', '.join(problems)}")
+                "MultiheadAttentionRule explains attention with one key/value tensor and packed "
+                f"projections; this call uses {', '.join(problems)}")
 
     def _merged_mask(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
                      is_causal: bool, need_weights: bool, batched: bool, batch: int,
@@ -131,27 +133,38 @@ class MultiheadAttentionRule(Rule):
                                average_attn_weights=average_attn_weights, is_causal=is_causal)
         self._check(query, key, value)
         batched = query.dim() == 3
-        x = query
+        shared = query is key  # self-attention; else a query (a learned probe) over key = value
+        x, kv = query, key
         if batched and mha.batch_first:
-            x = x.transpose(1, 0)
+            x, kv = x.transpose(1, 0), kv.transpose(1, 0)
         if not batched:
-            x = x.unsqueeze(1)
+            x, kv = x.unsqueeze(1), kv.unsqueeze(1)
         length, batch, dim = x.shape
+        source = kv.shape[0]
         heads = mha.num_heads
         head_dim = dim // heads
         eps = self.epsilon
         mask, is_causal = self._merged_mask(attn_mask, key_padding_mask, is_causal, need_weights,
                                             batched, batch, length, x.dtype)
 
-        if batched:  # query is key is value: one packed projection
+        if batched and shared:  # query is key is value: one packed projection
             proj = lf.linear_epsilon(x, mha.in_proj_weight, mha.in_proj_bias, eps)
             proj = proj.unflatten(-1, (3, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
             proj = proj.contiguous()
+        elif batched:  # key is value: the query's and the packed key-value projections
+            w_q, w_kv = mha.in_proj_weight.split([dim, 2 * dim])
+            b_q, b_kv = mha.in_proj_bias.split([dim, 2 * dim]) \
+                if mha.in_proj_bias is not None else (None, None)
+            pair = lf.linear_epsilon(kv, w_kv, b_kv, eps)
+            pair = pair.unflatten(-1, (2, dim)).unsqueeze(0).transpose(0, -2).squeeze(-2)
+            pair = pair.contiguous()
+            proj = [lf.linear_epsilon(x, w_q, b_q, eps), pair[0], pair[1]]
         else:  # torch unsqueezes q, k, v one by one: three projections (same relevance)
             biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else [None] * 3
-            proj = [lf.linear_epsilon(x, w, b, eps)
-                    for w, b in zip(mha.in_proj_weight.chunk(3), biases)]
-        q, k, v = (t.view(length, batch * heads, head_dim).transpose(0, 1) for t in proj)
+            proj = [lf.linear_epsilon(t, w, b, eps)
+                    for t, w, b in zip((x, kv, kv), mha.in_proj_weight.chunk(3), biases)]
+        q = proj[0].view(length, batch * heads, head_dim).transpose(0, 1)
+        k, v = (t.view(source, batch * heads, head_dim).transpose(0, 1) for t in proj[1:])
 
         weights = None
         if need_weights:
@@ -169,10 +182,11 @@ class MultiheadAttentionRule(Rule):
             out = lf.MatmulUniformFunction.apply(weights, v, eps, torch.bmm)
             out = out.transpose(0, 1).reshape(length * batch, dim)
         else:
-            q, k, v = (t.view(batch, heads, length, head_dim) for t in (q, k, v))
+            q = q.view(batch, heads, length, head_dim)
+            k, v = (t.view(batch, heads, source, head_dim) for t in (k, v))
             if mask is not None:
                 mask = mask.unsqueeze(0) if mask.size(0) == 1 else \
-                    mask.view(batch, heads, -1, length)
+                    mask.view(batch, heads, -1, source)
             out = lf.scaled_dot_product_attention(q, k, v, mask, is_causal, epsilon=eps,
                                                   hold_weights=self.hold_weights)
             out = out.permute(2, 0, 1, 3).reshape(batch * length, dim)
@@ -185,7 +199,7 @@ class MultiheadAttentionRule(Rule):
         out = out.view(length, batch, out.size(1))
 
         if weights is not None:
-            weights = weights.detach().view(batch, heads, length, length)
+            weights = weights.detach().view(batch, heads, length, source)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         if not batched:
