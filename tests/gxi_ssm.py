@@ -36,10 +36,16 @@ GATED_NORMS = ("Mamba2RMSNormGated", "Qwen3NextRMSNormGated", "Qwen3_5RMSNormGat
 
 def _held_sections(model: nn.Module) -> dict[tuple[int, ...], set[int]]:
     """Mamba 2 and the hybrids reusing its mixer: ``gate, xBC, dt = in_proj(x).split(...)`` and
-    ``x, B, C = split(conv(xBC))``; the sizes from the weights' shapes (a mixer: ``in_proj``,
-    ``conv1d``, a gated ``norm`` and a ``dt_bias`` per head)."""
+    ``x, B, C = split(conv(xBC))``; Zamba: ``Δ_low, B, C = split(x_proj_weight @ x)``; the
+    sizes from the weights' shapes (a Mamba 2 mixer: ``in_proj``, ``conv1d``, a gated ``norm``
+    and a ``dt_bias`` per head)."""
     sections: dict[tuple[int, ...], set[int]] = {}
     for module in model.modules():
+        if hasattr(module, "x_proj_weight"):  # Zamba: Δ_low, B, C = split(x_proj_weight @ x)
+            rank = module.dt_proj_weight.shape[-1]
+            state = (module.x_proj_weight.shape[1] - rank) // 2
+            sections[(rank, state, state)] = {0, 1, 2}
+            continue
         children = dict(module.named_children())
         if not {"in_proj", "conv1d", "norm"} <= set(children) or not hasattr(module, "dt_bias"):
             continue

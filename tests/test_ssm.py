@@ -127,6 +127,15 @@ def _falcon_h1():  # µP multipliers on in_proj's sections; a gated norm (mamba_
         mamba_rms_norm=True, **_MAMBA2_HYBRID), tf.FalconH1ForCausalLM)
 
 
+def _zamba():  # per-head x_proj weights; two hybrid layers share one transformer block
+    return _eager(tf.ZambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, attention_hidden_size=64,
+        attention_head_dim=32, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+        n_mamba_heads=2, layers_block_type=["linear_attention", "hybrid", "hybrid"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2), tf.ZambaForCausalLM)
+
+
 def _olmo_hybrid():
     return _eager(tf.OlmoHybridConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -140,14 +149,14 @@ def _olmo_hybrid():
 BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
             "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5, "jamba": _jamba, "bamba": _bamba,
             "granitemoehybrid": _granitemoehybrid, "nemotron_h": _nemotron_h, "zamba2": _zamba2,
-            "falcon_h1": _falcon_h1, "olmo_hybrid": _olmo_hybrid}
+            "falcon_h1": _falcon_h1, "olmo_hybrid": _olmo_hybrid, "zamba": _zamba}
 FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
           "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next", "jamba": "jamba", "bamba": "bamba",
           "granitemoehybrid": "granitemoehybrid", "nemotron_h": "nemotron_h", "zamba2": "zamba2",
-          "falcon_h1": "falcon_h1", "olmo_hybrid": "olmo_hybrid"}
+          "falcon_h1": "falcon_h1", "olmo_hybrid": "olmo_hybrid", "zamba": "zamba"}
 #: how many mixers each model has, and whether they end in a gated norm
 MIXER_COUNT = {"qwen3_next": 1, "qwen3_5": 1, "jamba": 1, "bamba": 1, "granitemoehybrid": 1,
-               "nemotron_h": 1, "zamba2": 2, "olmo_hybrid": 1}
+               "nemotron_h": 1, "zamba2": 2, "olmo_hybrid": 1, "zamba": 3}
 GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotron_h", "zamba2",
          "falcon_h1", "olmo_hybrid"}
 #: The stock modeling code computes parts of each layer in float32 whatever the model's dtype

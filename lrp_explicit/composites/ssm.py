@@ -1,5 +1,5 @@
 """State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5,
-the hybrids that reuse their mixers (Jamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid,
+the hybrids that reuse their mixers (Jamba, Zamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid,
 Falcon-H1) and OLMo-hybrid (a gated delta-net).
 
 The rules follow MambaLRP (Rezaei Jafari et al., NeurIPS 2024): the parameters a selective
@@ -49,6 +49,15 @@ def _mamba2_splits(mixer: nn.Module) -> dict[tuple[int, ...], frozenset[int]]:
     }
 
 
+def _zamba_splits(mixer: nn.Module) -> dict[tuple[int, ...], frozenset[int]]:
+    # Δ_low, B, C = split(x_proj_weight @ x): the whole product is parameters
+    sizes = (mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size)
+    return {sizes: frozenset({0, 1, 2})}
+
+
+_WHY_ZAMBA = ("Zamba's x_proj is a weight per head multiplied in the forward, not a module; only "
+              "the modeling code says the split of its product is [Δ_low, B, C]")
+
 #: Mixer classes (``module:Class``) and what each computes from its input and holds constant.
 MIXERS: dict[str, Held] = {
     "transformers.models.mamba.modeling_mamba:MambaMixer":
@@ -57,6 +66,8 @@ MIXERS: dict[str, Held] = {
         Held(children=("x_proj",), why=_WHY_X_PROJ),
     "transformers.models.jamba.modeling_jamba:JambaMambaMixer":
         Held(children=("x_proj",), why=_WHY_X_PROJ),
+    "transformers.models.zamba.modeling_zamba:ZambaMambaMixer":
+        Held(splits=_zamba_splits, why=_WHY_ZAMBA),
     "transformers.models.mamba2.modeling_mamba2:Mamba2Mixer":
         Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
     # the hybrids reuse Mamba 2's mixer under their own class names
@@ -101,6 +112,7 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mamba2": (("mamba2",), ("mamba2",)),
     # hybrids: attention (and MoE) layers beside the mixers take the shared rules
     "jamba": (("jamba",), ("jamba",)),
+    "zamba": (("zamba",), ("zamba",)),
     "bamba": (("bamba",), ("bamba",)),
     "nemotron_h": (("nemotron_h",), ("nemotron_h",)),
     "zamba2": (("zamba2",), ("zamba2",)),
