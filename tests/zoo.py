@@ -28,6 +28,7 @@ import inspect
 import json
 import math
 import multiprocessing
+import re
 import sys
 import time
 import traceback
@@ -134,6 +135,8 @@ def enumerate_types(heads: list[str] | None = None) -> list[tuple[str, str, str]
 # ----------------------------------------------------------------------- tiny configurations
 
 WIDTH = 64
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
+             "num_key_value_groups")
 #: Field name -> tiny value (applied to the fields a configuration class has).
 TINY: dict[str, Any] = {
     **dict.fromkeys(["num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
@@ -146,8 +149,7 @@ TINY: dict[str, Any] = {
                      "out_hidden_size", "projector_hidden_size"], WIDTH),
     **dict.fromkeys(["num_attention_heads", "n_head", "num_heads", "encoder_attention_heads",
                      "decoder_attention_heads", "n_heads", "attention_heads"], 4),
-    **dict.fromkeys(["num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
-                     "num_key_value_groups"], 2),
+    **dict.fromkeys(_KV_HEADS, 2),
     **dict.fromkeys(["intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff",
                      "n_inner", "ffn_hidden_size", "ffn_size", "mlp_dim", "dim_feedforward",
                      "inner_hidden_size", "decoder_intermediate_size"], 2 * WIDTH),
@@ -168,7 +170,8 @@ TINY: dict[str, Any] = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0,
     "sep_token_id": 2, "cls_token_id": 1, "mask_token_id": 3,
     "image_size": IMAGE_SIZE, "patch_size": 8, "num_channels": 3,
-    "rotary_dim": 8, "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
+    "rotary_dim": 8, "mm_tokens_per_image": 4,
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
     **dict.fromkeys(["linear_num_heads", "linear_num_value_heads", "mamba_n_heads"], 8),
     **dict.fromkeys(["linear_num_key_heads"], 4),
     **dict.fromkeys(["linear_key_head_dim", "linear_value_head_dim", "linear_head_dim",
@@ -212,7 +215,7 @@ def _shrink_list(name: str, value: list) -> list | None:
     """A tiny version of a list-valued field that is not per layer, or None to leave it."""
     if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return None
-    if "depth" in name or name.endswith("layers") or name in ("num_blocks", "block_repeats"):
+    if "depth" in name or name in ("layers", "num_layers", "num_blocks", "block_repeats"):
         return [1] * len(value)
     if "head" in name:
         first = max(1, value[0])
@@ -222,6 +225,13 @@ def _shrink_list(name: str, value: list) -> list | None:
         factor = max(1, value[0] // 16)
         return [max(4, v // factor) for v in value]
     return None
+
+
+def _mrope(parts: int) -> list[int]:
+    """Multimodal RoPE sections for the tiny head size: ``parts`` sections summing to half of
+    it (the rotary frequencies of a 16-wide head)."""
+    half = TINY["head_dim"] // 2
+    return [half // parts + (1 if i < half % parts else 0) for i in range(parts)][::-1]
 
 
 def _layer_choice(per_layer: dict[str, list]) -> list[int]:
@@ -268,6 +278,10 @@ def tiny_kwargs(cls: type, base: Any | None = None,
                 and value > (32 if "head" in name else 2 * WIDTH) \
                 and any(fnmatch.fnmatchcase(name, p) for p in _SIZES):
             kwargs[name] = 16 if "head" in name else (128 if "vocab" in name else WIDTH)
+        elif name == "mrope_section" and isinstance(value, list):
+            kwargs[name] = _mrope(len(value))
+        elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
+            kwargs[name] = {**value, "mrope_section": _mrope(len(value["mrope_section"]))}
         elif isinstance(value, list) and layers and layers > 2 and len(value) == layers:
             per_layer[name] = value
         elif isinstance(value, list):
@@ -284,8 +298,9 @@ def tiny_kwargs(cls: type, base: Any | None = None,
     for name in subs:
         sub = getattr(base, name, None) if base is not None else None
         if isinstance(sub, transformers.PretrainedConfig):
-            kwargs[name] = {"model_type": sub.model_type,
-                            **tiny_kwargs(type(sub), sub, extra)}
+            own = extra if name == "text_config" or not extra else {
+                k: v for k, v in extra.items() if k != "rope_parameters"}  # the text model's
+            kwargs[name] = {"model_type": sub.model_type, **tiny_kwargs(type(sub), sub, own)}
     return kwargs
 
 
@@ -296,12 +311,28 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
     "zaya": {"num_experts_per_tok": 1},
+    "reformer": {"is_decoder": True, "axial_pos_shape": [8, 8], "axial_pos_embds_dim": [32, 32],
+                 "attn_layers": ["local", "lsh"], "num_buckets": 4, "lsh_attn_chunk_length": 4,
+                 "local_attn_chunk_length": 4},
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+}
+# multimodal RoPE whose sections the modeling code defaults to those of a 128-wide head
+for _type in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "glm4v", "glm4v_moe", "glm46v",
+              "glm_ocr", "glmga", "llava_onevision1_5"):
+    OVERRIDES[_type] = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "mrope_section": [2, 3, 3]}}
+#: Per model type: what the built model needs before it runs.
+PREPARE: dict[str, Callable[[nn.Module], None]] = {
+    "xmod": lambda model: model.set_default_language(model.config.languages[0]),
 }
 #: Generic fall-backs tried in turn when the tiny configuration does not build or run.
 FALLBACKS: tuple[dict[str, Any], ...] = (
     {},
-    {"num_key_value_heads": 4},  # multi-head latent attention and others without GQA
-    {"num_key_value_heads": 4, "num_experts_per_tok": 1},
+    dict.fromkeys(_KV_HEADS, 4),  # multi-head latent attention and others without GQA
+    {**dict.fromkeys(_KV_HEADS, 4), "num_experts_per_tok": 1},
 )
 
 
@@ -460,33 +491,87 @@ def _image_token(config: Any) -> int | None:
 
 
 def _image_text_case(model: nn.Module, extra: dict[str, Any]) -> Case:
-    """Pixels and text with as many image tokens as the model makes image features."""
+    """Pixels and text with as many image tokens as the model makes image features (a model
+    without image tokens takes the pixels beside the text)."""
     config = model.config
-    pixels = _pixels(config)
     token = _image_token(config)
+    pixels, side = _vision_inputs(model)
     if token is None:
-        raise ZooInputError("no image token id in the configuration")
+        return _text_and_pixels(model, _ids(config, TOKENS), pixels, side, extra)
     getter = getattr(model, "get_image_features", None) or getattr(
         getattr(model, "model", None), "get_image_features", None)
     if getter is None:
         raise ZooInputError("no get_image_features to size the image tokens")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            features = getter(pixel_values=pixels)
-        except TypeError as error:
-            raise ZooInputError(f"get_image_features(pixel_values) alone: {error}") from error
-    features = getattr(features, "pooler_output", features)
+    features, pixels = _image_features(getter, pixels, side)
+    features = getattr(features, "pooler_output", None) if not isinstance(
+        features, (Tensor, list, tuple)) else features
+    if features is None:
+        raise ZooInputError("get_image_features gave no features")
     if isinstance(features, (list, tuple)):
         count = sum(f.shape[-2] if f.dim() > 1 else 1 for f in features)
     else:
         count = features.shape[:-1].numel()
     text = _ids(config, TOKENS)
     ids = torch.cat([text[:, :1], torch.full((1, count), token), text[:, 1:]], 1)
+    return _text_and_pixels(model, ids, pixels, side, extra)
+
+
+def _vision_inputs(model: nn.Module) -> tuple[Tensor, dict[str, Any]]:
+    """Pixels as the vision tower takes them and the side inputs that describe them: a
+    ``(1, C, H, W)`` image, or for a tower on flattened patches (Qwen2-VL and its kin) the
+    patches of a 4 × 4 grid (in merge units) and ``image_grid_thw``."""
+    config = model.config
+    vision = getattr(config, "vision_config", None) or config
+    if "image_grid_thw" in _parameters(model):
+        patch = getattr(vision, "patch_size", 8)
+        temporal = getattr(vision, "temporal_patch_size", 2) or 1
+        merge = getattr(vision, "spatial_merge_size", 2) or 1
+        channels = getattr(vision, "in_channels", getattr(vision, "num_channels", 3))
+        grid = torch.tensor([[1, 2 * merge, 2 * merge]])
+        g = torch.Generator().manual_seed(2)
+        patches = torch.randn(int(grid.prod()), channels * temporal * patch * patch,
+                              generator=g, dtype=torch.float64)
+        return patches, {"image_grid_thw": grid}
+    pixels = _pixels(config)
+    side: dict[str, Any] = {}
+    if "image_sizes" in _parameters(model):
+        side["image_sizes"] = torch.tensor([list(pixels.shape[-2:])])
+    return pixels, side
+
+
+def _parameters(model: nn.Module) -> set[str]:
+    names = set(inspect.signature(model.forward).parameters)
+    getter = getattr(model, "get_image_features", None)
+    if getter is not None:
+        names |= set(inspect.signature(getter).parameters)
+    return names
+
+
+def _image_features(getter: Callable[..., Any], pixels: Tensor,
+                    side: dict[str, Any]) -> tuple[Any, Tensor]:
+    """The image features, and the pixels in the layout that gave them (a model that takes
+    several images per sample wants ``(1, images, C, H, W)``)."""
+    wanted = set(inspect.signature(getter).parameters)
+    kwargs = {k: v for k, v in side.items() if k in wanted}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return getter(pixel_values=pixels, **kwargs), pixels
+        except TypeError as error:
+            raise ZooInputError(f"get_image_features: {error}") from error
+        except ValueError as error:
+            if pixels.dim() != 4 or "unpack" not in str(error):
+                raise
+            pixels = pixels.unsqueeze(1)
+            return getter(pixel_values=pixels, **kwargs), pixels
+
+
+def _text_and_pixels(model: nn.Module, ids: Tensor, pixels: Tensor, side: dict[str, Any],
+                     extra: dict[str, Any]) -> Case:
+    inputs = {"pixel_values": pixels.requires_grad_(), **side, **extra}
     if _accepts(model, "inputs_embeds"):
-        return Case({"inputs_embeds": _embed(model, ids),
-                     "pixel_values": pixels.requires_grad_(), **extra})
-    return Case(_hooked({"input_ids": ids, "pixel_values": pixels.requires_grad_(), **extra}))
+        return Case({"inputs_embeds": _embed(model, ids), **inputs})
+    return Case(_hooked({"input_ids": ids, **inputs}))
 
 
 class ZooInputError(Exception):
@@ -608,6 +693,8 @@ def _build_and_run(entry: Entry, model_cls: type, task: str, attn: str | None,
             raise _NotBuilt(f"{entry.parameters:,} parameters in the tiny config", final=True)
         try:
             model = build(model_cls, config, attn)
+            if entry.model_type in PREPARE:
+                PREPARE[entry.model_type](model)
             case = make_case(model, task)
             with torch.enable_grad(), warnings.catch_warnings():  # as an explanation runs it
                 warnings.simplefilter("ignore")
@@ -720,7 +807,7 @@ def run_zoo(heads: list[str] | None = None, types: list[str] | None = None, jobs
     results: list[dict[str, Any]] = []
     if jobs > 1:
         context = multiprocessing.get_context("spawn")
-        with context.Pool(jobs, maxtasksperchild=25) as pool:
+        with context.Pool(jobs) as pool:
             for done in pool.imap_unordered(_worker, work):
                 results.append(done)
                 if progress:
@@ -768,24 +855,37 @@ def status(entry: Entry) -> str:
     return entry.outcome if entry.built else f"not built: {entry.reason}"
 
 
+#: The markers around the generated section of docs/models.md.
+START = "<!-- zoo:start (generated by `python -m tests.zoo --jobs 2 --write docs/models.md`) -->"
+END = "<!-- zoo:end -->"
+
+
+def _cell(text: str) -> str:
+    """A table cell: the text in a code span (no pipes, no backticks, no addresses)."""
+    text = re.sub(r"0x[0-9a-fA-F]+", "0x…", text.replace("\n", " "))
+    return "`" + text.replace("|", "/").replace("`", "'") + "`"
+
+
 def table(entries: list[Entry]) -> str:
-    """The coverage page (docs/models.md) of a zoo run."""
+    """The coverage section of docs/models.md for a zoo run (between :data:`START` and
+    :data:`END`)."""
     version = transformers.__version__
     lines = [
-        "# Supported models",
+        START,
         "",
-        "<!-- generated by `python -m tests.zoo --write docs/models.md`; do not edit by hand -->",
+        "## Every model type (the zoo)",
         "",
         f"Every model type of transformers {version} with one of the heads below, built from a "
-        "tiny random configuration (2 layers, width 64, 4 heads, vocabulary 128, float64) and "
-        "explained with the default composite (`tests/zoo.py`, run by `tests/test_zoo.py`). A "
-        "type is **explained** when its forward under the composite equals the plain forward "
-        "bit for bit, `lrp_explicit.check()` finds no unruled op, no undocumented leak and "
-        "nothing non-finite, and CP-LRP with the biases, position embeddings and constant "
-        "tokens set to zero conserves the explained logit to 1e-8. A type is **refused** "
-        "with the first op without a rule and the module that calls it (strict mode raises "
-        "there, before any work), or with the library's own error. A type that cannot be "
-        "built from a tiny configuration is listed with the reason.",
+        "tiny random configuration (2 layers, width 64, 4 heads, vocabulary 128, float64, "
+        "transformers' default attention: sdpa where the model has it) and explained with the "
+        "default composite (`tests/zoo.py`, asserted by `tests/test_zoo.py`). A type is "
+        "**explained** when its forward under the composite equals the plain forward bit for "
+        "bit, `lrp_explicit.check()` finds no unruled op, no undocumented leak and nothing "
+        "non-finite, and CP-LRP with the biases, position embeddings and constant tokens set "
+        "to zero conserves the explained logit to 1e-8. A type is **refused** with the first op "
+        "without a rule and the module that calls it (strict mode raises there, before any "
+        "work), or with the library's own error. *Not conserved* and *crash* are open bugs. A "
+        "type that cannot be built from a tiny configuration is listed with the reason.",
         "",
         "| head | types | built | forward exact | check clean | CP-LRP conserves | explained |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -798,11 +898,31 @@ def table(entries: list[Entry]) -> str:
         rows = [e for e in entries if e.head == head]
         if not rows:
             continue
-        lines += ["", f"## {head}", "", "| model type | class | outcome |", "|---|---|---|"]
+        lines += ["", f"### {head}", "", "| model type | class | outcome |", "|---|---|---|"]
         for e in rows:
-            text = status(e).replace("|", "\\|").replace("\n", " ")
+            text = "explained" if e.explained else _cell(status(e))
             lines.append(f"| `{e.model_type}` | `{e.cls}` | {text} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", END]) + "\n"
+
+
+def section(path: str) -> str | None:
+    """The generated section of the page at ``path`` (None if it has none)."""
+    text = open(path).read()
+    if START not in text or END not in text:
+        return None
+    return text[text.index(START):text.index(END) + len(END)] + "\n"
+
+
+def write_table(path: str, entries: list[Entry]) -> None:
+    """Replace the generated section of the page at ``path`` (appended if it has none)."""
+    text = open(path).read()
+    new = table(entries)
+    if START in text and END in text:
+        text = text[:text.index(START)] + new + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + new
+    with open(path, "w") as handle:
+        handle.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -825,8 +945,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seconds": round(elapsed, 1), "shares": summary,
                        "entries": [asdict(e) for e in entries]}, handle, indent=1)
     if args.write:
-        with open(args.write, "w") as handle:
-            handle.write(table(entries))
+        write_table(args.write, entries)
     for head, s in summary.items():
         print(f"{head:<24} {s}")
     print(f"{len(entries)} entries in {elapsed:.0f} s")
