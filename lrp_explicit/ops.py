@@ -580,6 +580,15 @@ def _statistic(func, args, kwargs, epsilon):
 _WITH_MEAN = {torch.var_mean, torch.std_mean}
 
 
+def _scatter(func, args, kwargs, epsilon):
+    """``scatter``/``scatter_`` places values (Llama 4's router writes its top-k scores into a
+    constant): layout, plain autograd moves the relevance (the overwritten entries get none).
+    With ``reduce=`` it sums or multiplies instead: no rule."""
+    if "reduce" in kwargs or len(args) > 4:
+        raise NoRule
+    return func(*args, **kwargs)
+
+
 def _identity_inplace(func, args, kwargs, epsilon):
     """In-place element-wise functions (``x.exp_()``, ``x.clamp_(…)``, ``F.relu_``): the
     identity rule, as their out-of-place forms."""
@@ -679,6 +688,7 @@ _names("extremum", [torch.maximum, T.maximum, torch.minimum, T.minimum, torch.fm
                     torch.fmin, T.fmin])
 _names("statistic", [torch.var, T.var, torch.std, T.std, *_WITH_MEAN])
 _names("activation_inplace", _ACTIVATIONS_INPLACE)
+_names("scatter", [T.scatter, torch.scatter, T.scatter_])
 
 #: Layout and selection ops whose plain autograd already moves relevance correctly.
 PASS_THROUGH: frozenset = frozenset([
@@ -704,7 +714,7 @@ PASS_THROUGH: frozenset = frozenset([
     torch.hsplit, T.hsplit, torch.vsplit, T.vsplit, torch.dsplit, T.dsplit, T.unsafe_split,
     torch.unsafe_split, T.copy_, T.fill_, T.zero_, T.index_fill_, T.index_fill,
     torch.index_fill, T.masked_scatter_, T.index_copy_, T.index_copy, torch.index_copy,
-    T.scatter, torch.scatter, T.scatter_, T.take_along_dim, torch.take_along_dim, T.unfold,
+    T.take_along_dim, torch.take_along_dim, T.unfold,
     T.moveaxis, torch.moveaxis, T.squeeze_, T.unsqueeze_, T.transpose_, T.t_,
     torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, T.resolve_conj, T.resolve_neg,
     torch.view_as_real, torch.view_as_complex,
@@ -733,6 +743,7 @@ _COMMON: dict[str, Handler] = {
     "extremum": _extremum,
     "statistic": _statistic,
     "activation_inplace": _identity_inplace,
+    "scatter": _scatter,
 }
 
 #: AttnLRP (Achtibat et al. 2024): uniform rules for products, softmax as Gradient×Input.

@@ -4,7 +4,8 @@ Each handler is checked against a hand-written float64 formula of its rule (the 
 the plain op bit for bit); the crashes found in the zoo are reproduced on the real
 transformers model classes built from tiny configurations: in-place updates of tensors a rule
 saved (Falcon, gpt-oss, XLM, CTRL, GIT, RoCBERT), routers that return a tuple (Llama 4,
-PhiMoE) and a foreign autograd Function (BLOOM's ``GeLUFunction``).
+PhiMoE) and foreign autograd Functions (BLOOM's ``GeLUFunction``, RecurrentGemma's
+``SqrtBoundDerivative``).
 """
 from __future__ import annotations
 
@@ -170,6 +171,13 @@ LAYOUT = [
         1, torch.tensor([[0], [2], [1]]), t[:, :1])),
     ("take_along_dim", lambda t: torch.take_along_dim(t, torch.tensor([[1], [0], [3]]), 1)),
 ]
+
+
+def test_scatter_with_a_reduction_is_no_layout():
+    index = torch.tensor([[0], [2], [1]])
+    with pytest.raises(lrp_explicit.UnruledOpError, match="scatter"):
+        dispatched(lambda t: torch.zeros(3, 4, dtype=D).scatter(1, index, t[:, :1],
+                                                                 reduce="add"), [randn(3, 4)])
 
 
 @pytest.mark.parametrize("name,fn", LAYOUT, ids=[c[0] for c in LAYOUT])
@@ -444,6 +452,10 @@ def _configs():
                                                          num_local_experts=4)),
         "bloom": (tf.BloomForCausalLM, tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4,
                                                       vocab_size=64)),
+        # three layers: two recurrent blocks (SqrtBoundDerivative, baddbmm) and one attention
+        "recurrent_gemma": (tf.RecurrentGemmaForCausalLM, tf.RecurrentGemmaConfig(
+            **decoder | dict(num_hidden_layers=3), num_key_value_heads=1, head_dim=8,
+            lru_width=32, attention_window_size=8, conv1d_width=4)),
     }
 
 
