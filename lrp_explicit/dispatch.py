@@ -9,8 +9,11 @@ relevance path is an *unruled op*: a warning once per (op, module path), or
 :class:`UnruledOpError` in strict mode. A foreign ``torch.autograd.Function`` (one not defined in
 torch, lrp_explicit or zennit) is invisible to the mode as a call; it is found through the
 ``grad_fn`` of its output when that output reaches an op, a module or a module's return value of
-a registered model, and reported as the unruled op ``<Function>.apply``. Outputs of op handlers
-and module rules are trusted: a user-defined rule may well be a custom Function.
+a registered model: one proven element-wise by a probe gets the identity rule (a hook on that
+node), any other is reported as the unruled op ``<Function>.apply``. Outputs of op handlers
+and module rules are trusted: a user-defined rule may well be a custom Function. Before an
+in-place op on the relevance path, what a rule saved of the updated tensor is copied
+(:func:`lrp_explicit.functional.preserve_saved`).
 
 Entering and leaving modules is tracked by global module hooks (installed while at least one
 composite is registered). Each thread keeps its own stack of frames, so other threads and other
