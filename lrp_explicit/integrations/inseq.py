@@ -32,6 +32,14 @@ scalar that step function returns, computed under the composite's rules. Keyword
 to ``inseq.load_model`` beyond inseq's own (``epsilon=``, ``attention="exact"`` …) go to the
 composite (:func:`lrp_explicit.composites.get`).
 
+inseq generates text, decodes it and tokenizes the text again to attribute it. With byte-level
+tokenizers a generated token may not survive that (a token holding part of a character decodes
+to ``�``, which tokenizes to other ids), and the steps would explain tokens the model never
+generated. Once one of these methods is loaded on a model, the model's own generated ids are
+kept: a text it generated (and decoded) is encoded as the ids that produced it, never
+re-tokenized. For a batch of several prompts a generation whose ids do not survive decoding is
+refused (attribute those prompts one at a time).
+
 Decoder-only models (``…ForCausalLM``) are supported. inseq pads a batch of prompts on the left
 and explains a step of all of them in one pass (no LRP rule mixes samples); the equality with
 ``explain`` is tested for one prompt and for a padded batch of two on a LLaMA, whose rotary
@@ -118,6 +126,7 @@ class LRPAttribution(FeatureAttribution, Registry):
             # inseq 0.7 binds the public setter of the default to another name
             # (set_attributed_fn); the attribute behind the default_attributed_fn_id property:
             model._default_attributed_fn_id = "logit"
+        _keep_generated_ids(model)
 
     def unhook(self, **kwargs: Any) -> None:
         """Unhook the method: the model's earlier default attributed function comes back."""
@@ -185,6 +194,78 @@ class LRPAttribution(FeatureAttribution, Registry):
                              f"{type(model.model).__name__}")
         return CoarseFeatureAttributionStepOutput(
             source_attributions=None, target_attributions=relevance.sum(-1), step_scores={})
+
+
+_KEPT = 256  # generated texts whose ids are remembered, per model
+
+
+def _keep_generated_ids(model: Any) -> dict[str, Any]:
+    """Make ``model`` (an inseq AttributionModel) encode the texts it generated as the ids it
+    generated: its ``decode`` remembers the ids of each text it decodes, its ``encode`` gives
+    them back for such a text (instance attributes, installed once per model and kept: inseq
+    unhooks the method while it generates). Returns the map of text to ``(ids, exact)``."""
+    import collections
+
+    import torch
+    from inseq.data import BatchEncoding
+
+    produced = model.__dict__.get("_lrp_generated_ids")
+    if produced is not None:
+        return produced
+    produced = collections.OrderedDict()
+    decode, encode = model.decode, model.encode
+
+    def decode_keeping_ids(ids: Any, skip_special_tokens: bool = True) -> Any:
+        texts = decode(ids, skip_special_tokens=skip_special_tokens)
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        if rows and isinstance(rows[0], int):
+            rows = [rows]
+        if isinstance(texts, list) and len(texts) == len(rows):
+            special = set(model.tokenizer.all_special_ids)
+            for text, row in zip(texts, rows):
+                exact = len(rows) == 1 and not skip_special_tokens
+                produced[text] = (list(row) if exact else [i for i in row if i not in special],
+                                  exact)
+                produced.move_to_end(text)
+            while len(produced) > _KEPT:
+                produced.popitem(last=False)
+        return texts
+
+    def encode_keeping_ids(texts: Any, as_targets: bool = False, return_baseline: bool = False,
+                           include_eos_baseline: bool = False, **kwargs: Any) -> Any:
+        batch = encode(texts, as_targets=as_targets, return_baseline=return_baseline,
+                       include_eos_baseline=include_eos_baseline, **kwargs)
+        listed = [texts] if isinstance(texts, str) else list(texts)
+        if as_targets or not listed or not all(t in produced for t in listed):
+            return batch
+        special = set(model.tokenizer.all_special_ids)
+        again = [[i for i, m in zip(row, mask) if m and i not in special]
+                 for row, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist())]
+        mine = [[i for i in produced[t][0] if i not in special] for t in listed]
+        if again == mine:
+            return batch  # the text gives the generated ids back: inseq's encoding is right
+        if len(listed) > 1 or not produced[listed[0]][1]:
+            raise ValueError("a generated token does not survive decoding and tokenizing "
+                             "again (a byte-level token holding part of a character); "
+                             "attribute one prompt at a time, so that the model's own ids "
+                             "are kept")
+        ids = produced[listed[0]][0]
+        input_ids = torch.tensor([ids], device=batch.input_ids.device)
+        baseline = None
+        if return_baseline:  # inseq's baseline: unk everywhere, eos kept unless asked
+            unk = model.tokenizer.unk_token_id
+            baseline = torch.full_like(input_ids, unk if unk is not None else 0)
+            if not include_eos_baseline and model.eos_token_id is not None:
+                baseline = torch.where(input_ids == model.eos_token_id, input_ids, baseline)
+        return BatchEncoding(
+            input_ids=input_ids,
+            input_tokens=[model._convert_ids_to_tokens(input_ids[0], skip_special_tokens=False)],
+            attention_mask=torch.ones_like(input_ids), baseline_ids=baseline)
+
+    model.decode = decode_keeping_ids
+    model.encode = encode_keeping_ids
+    model._lrp_generated_ids = produced
+    return produced
 
 
 class AttnLRPAttribution(LRPAttribution):
