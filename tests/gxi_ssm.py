@@ -31,7 +31,7 @@ HELD_CHILDREN = ("x_proj", "in_proj_ba", "in_proj_b", "in_proj_a", "a_proj", "b_
 GATED_NORMS = ("Mamba2RMSNormGated", "Qwen3NextRMSNormGated", "Qwen3_5RMSNormGated",
                "BambaRMSNormGated", "NemotronHRMSNormGated", "Zamba2RMSNormGated",
                "GraniteMoeHybridRMSNormGated", "FalconH1RMSNormGated",
-               "OlmoHybridRMSNormGated")
+               "OlmoHybridRMSNormGated", "Qwen3_5MoeRMSNormGated", "LaraMiniRMSNormGated")
 
 
 def _held_sections(model: nn.Module) -> dict[tuple[int, ...], set[int]]:

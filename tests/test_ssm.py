@@ -136,6 +136,24 @@ def _zamba():  # per-head x_proj weights; two hybrid layers share one transforme
         pad_token_id=0, bos_token_id=1, eos_token_id=2), tf.ZambaForCausalLM)
 
 
+_DELTA_MOE = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, moe_intermediate_size=16,
+    shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+    linear_value_head_dim=8, linear_conv_kernel_dim=4,
+    layer_types=["linear_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+    eos_token_id=2)
+
+
+def _qwen3_5_moe():
+    return _eager(tf.Qwen3_5MoeTextConfig(**_DELTA_MOE), tf.Qwen3_5MoeForCausalLM)
+
+
+def _lara_mini():
+    return _eager(tf.LaraMiniConfig(**_DELTA_MOE), tf.LaraMiniForCausalLM)
+
+
 def _olmo_hybrid():
     return _eager(tf.OlmoHybridConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -149,16 +167,19 @@ def _olmo_hybrid():
 BUILDERS = {"mamba": _mamba, "falcon_mamba": _falcon_mamba, "mamba2": _mamba2,
             "qwen3_next": _qwen3_next, "qwen3_5": _qwen3_5, "jamba": _jamba, "bamba": _bamba,
             "granitemoehybrid": _granitemoehybrid, "nemotron_h": _nemotron_h, "zamba2": _zamba2,
-            "falcon_h1": _falcon_h1, "olmo_hybrid": _olmo_hybrid, "zamba": _zamba}
+            "falcon_h1": _falcon_h1, "olmo_hybrid": _olmo_hybrid, "zamba": _zamba,
+            "qwen3_5_moe": _qwen3_5_moe, "lara_mini": _lara_mini}
 FAMILY = {"mamba": "mamba", "falcon_mamba": "mamba", "mamba2": "mamba2",
           "qwen3_next": "qwen3_next", "qwen3_5": "qwen3_next", "jamba": "jamba", "bamba": "bamba",
           "granitemoehybrid": "granitemoehybrid", "nemotron_h": "nemotron_h", "zamba2": "zamba2",
-          "falcon_h1": "falcon_h1", "olmo_hybrid": "olmo_hybrid", "zamba": "zamba"}
+          "falcon_h1": "falcon_h1", "olmo_hybrid": "olmo_hybrid", "zamba": "zamba",
+          "qwen3_5_moe": "qwen3_next", "lara_mini": "lara_mini"}
 #: how many mixers each model has, and whether they end in a gated norm
 MIXER_COUNT = {"qwen3_next": 1, "qwen3_5": 1, "jamba": 1, "bamba": 1, "granitemoehybrid": 1,
-               "nemotron_h": 1, "zamba2": 2, "olmo_hybrid": 1, "zamba": 3}
+               "nemotron_h": 1, "zamba2": 2, "olmo_hybrid": 1, "zamba": 3, "qwen3_5_moe": 1,
+               "lara_mini": 1}
 GATED = {"mamba2", "qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "nemotron_h", "zamba2",
-         "falcon_h1", "olmo_hybrid"}
+         "falcon_h1", "olmo_hybrid", "qwen3_5_moe", "lara_mini"}
 #: The stock modeling code computes parts of each layer in float32 whatever the model's dtype
 #: (Mamba's discretised input ``hidden_states.float()``, Mamba 2's chunked scan, the gated
 #: delta rule, the residual stream where ``residual_in_fp32``), so relevance passing there is

@@ -1,4 +1,5 @@
-"""State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, Qwen3-Next, Qwen3.5,
+"""State-space and linear-attention families: Mamba, Falcon-Mamba, Mamba 2, the gated delta-nets
+(Qwen3-Next, Qwen3.5 and Qwen3.5-MoE, LaraMini),
 the hybrids that reuse their mixers (Jamba, Zamba, Bamba, Nemotron-H, Zamba 2, Granite-hybrid,
 Falcon-H1) and OLMo-hybrid (a gated delta-net).
 
@@ -87,6 +88,12 @@ MIXERS: dict[str, Held] = {
     "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5GatedDeltaNet":
         Held(children=("in_proj_b", "in_proj_a"),
              outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeGatedDeltaNet":
+        Held(children=("in_proj_b", "in_proj_a"),
+             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
+    "transformers.models.lara_mini.modeling_lara_mini:LaraMiniGatedDeltaNet":
+        Held(children=("in_proj_b", "in_proj_a"),
+             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
     "transformers.models.olmo_hybrid.modeling_olmo_hybrid:OlmoHybridGatedDeltaNet":
         Held(children=("b_proj", "a_proj"),
              outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
@@ -104,6 +111,8 @@ GATED_NORMS: tuple[str, ...] = (
     "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextRMSNormGated",
     "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5RMSNormGated",
     "transformers.models.olmo_hybrid.modeling_olmo_hybrid:OlmoHybridRMSNormGated",
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeRMSNormGated",
+    "transformers.models.lara_mini.modeling_lara_mini:LaraMiniRMSNormGated",
 )
 
 #: family -> the model types it serves and the modeling modules it needs
@@ -118,7 +127,9 @@ FAMILIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "zamba2": (("zamba2",), ("zamba2",)),
     "granitemoehybrid": (("granitemoehybrid",), ("granitemoehybrid",)),
     "falcon_h1": (("falcon_h1",), ("falcon_h1",)),
-    "qwen3_next": (("qwen3_next", "qwen3_5_text"), ("qwen3_next", "qwen3_5")),
+    "qwen3_next": (("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"),
+                   ("qwen3_next", "qwen3_5", "qwen3_5_moe")),
+    "lara_mini": (("lara_mini",), ("lara_mini",)),
     "olmo_hybrid": (("olmo_hybrid",), ("olmo_hybrid",)),
 }
 
