@@ -1,6 +1,6 @@
 """Vision–language models beyond CLIP and LLaVA, built from tiny configs of the stock
 transformers classes (float64): SigLIP and SigLIP 2 (image–text similarity), Gemma 3 and
-Qwen2.5-VL / Qwen3-VL (image-text-to-text).
+Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE (image-text-to-text).
 
 For each: the forward under the composite is bit-exact (AttnLRP and CP-LRP), ``check`` in
 strict mode is clean over pixels and text together, the relevance of pixels and text equals the
@@ -94,6 +94,22 @@ def qwen3(attn: str = "eager"):
                            deepstack_visual_indexes=[0]),
         **QWEN_IDS)
     return tiny(tf.Qwen3VLForConditionalGeneration, config, attn)
+
+
+def qwen3_moe(attn: str = "eager"):
+    """Qwen3-VL with mixture-of-experts MLPs (eager experts: ``grouped_mm`` has no float64)."""
+    config = tf.Qwen3VLMoeConfig(
+        text_config=dict(QWEN_TEXT, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=24, decoder_sparse_step=1, rope_parameters={
+                             "rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=32, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        **QWEN_IDS)
+    config._experts_implementation = config.text_config._experts_implementation = "eager"
+    return tiny(tf.Qwen3VLMoeForConditionalGeneration, config, attn)
 
 
 def picture(height: int, width: int, seed: int) -> torch.Tensor:
@@ -258,6 +274,18 @@ def test_siglip2_patches_as_its_image_processor_cuts_them():
     assert torch.equal(ours.kwargs["pixel_attention_mask"][0], out["pixel_attention_mask"][0, :n])
     # and back: the patches land where they came from
     assert torch.equal(mm._to_grid(model, ours, ours.pixels, False), image)
+    # the processor's output as it is (padded to 32 patches, masked): the padding gets nothing
+    # and the relevance is that of the picture's own patches
+    padded = tf.Siglip2ImageProcessor(patch_size=4, max_num_patches=32, do_resize=False,
+                                      do_rescale=False, do_normalize=False)(
+        images=image.float(), return_tensors="pt", input_data_format="channels_first")
+    assert padded["pixel_values"].shape[1] == 32 and padded["pixel_attention_mask"].sum() == n
+    ids = [1, 7, 9, 2]
+    e = lrp_explicit.explain(model, (dict(padded), ids), composite="cp-lrp")
+    alone = lrp_explicit.explain(model, (image.float().double(), ids), composite="cp-lrp")
+    assert e.image.relevance.shape == (16, 24)
+    assert relative_error(e.image.relevance, alone.image.relevance) < 1e-10
+    assert relative_error(e.text.relevance, alone.text.relevance) < 1e-10
 
 
 @pytest.mark.parametrize("two", [False, True], ids=["siglip", "siglip2"])
@@ -305,9 +333,10 @@ def qwen_prompt(model, image: torch.Tensor, n: int, seed: int) -> torch.Tensor:
                       torch.tensor([END]), words(n, seed)])
 
 
-MODELS = {"gemma3": gemma3, "qwen2.5-vl": qwen25, "qwen3-vl": qwen3}
+MODELS = {"gemma3": gemma3, "qwen2.5-vl": qwen25, "qwen3-vl": qwen3, "qwen3-vl-moe": qwen3_moe}
 #: image size (height, width): Qwen's 4 × 8 patches make two windows of Qwen2.5-VL's attention
-SIZES = {"gemma3": (16, 16), "qwen2.5-vl": (16, 32), "qwen3-vl": (16, 32)}
+SIZES = {"gemma3": (16, 16), "qwen2.5-vl": (16, 32), "qwen3-vl": (16, 32),
+         "qwen3-vl-moe": (16, 32)}
 
 
 def vlm_case(name: str, attn: str = "eager", lengths=(5,), seed: int = 0):
@@ -503,3 +532,24 @@ def test_qwen_with_its_processor():
     assert relative_error(single.image.relevance, rows[0].image.relevance) < 1e-10
     report = lrp_explicit.check(model, enc, strict=True)
     assert report.ok, report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cuda_forward_exact_and_equivalent(name):
+    model, images, prompts = vlm_case(name, "sdpa", lengths=(5, 5))
+    model.cuda()
+    data, leaves, kwargs, _ = vlm_leaves(model, [im.cuda() for im in images],
+                                         [p.cuda() for p in prompts])
+    data = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    with torch.no_grad():
+        plain = model(**data, use_cache=False).logits
+    run = lambda m, xs: m(**xs, **kwargs)  # noqa: E731
+    for variant in VARIANTS:
+        got, output = strict_relevance(model, leaves, variant, next_logit, run=run)
+        assert torch.equal(output.logits.detach(), plain), variant
+        reference = reference_relevances(model, variant, leaves, next_logit, run=run)
+        for key in leaves:
+            assert relative_error(got[key], reference[key]) < 1e-6, (variant, key)
+    e = lrp_explicit.explain(model, (images[0].cuda(), prompts[0].tolist()))
+    assert e.image.relevance.device.type == "cpu" and e.patches(4).abs().gt(0).any()
