@@ -297,3 +297,21 @@ def test_plain_model_on_features_gets_relevance_per_feature():
     with pytest.raises(lrp_explicit.errors.InputError,
                        match=r"shape \(6,\) has no batch dimension; give \(batch, features\)"):
         lrp_explicit.explain(model, x[0], target=1)
+
+
+def test_long_png_is_capped():
+    """Low: the PNG of 10k tokens took 36 s; it now draws the first MAX_TOKENS tokens and says
+    how many more there are, with the colour scale of all of them."""
+    from lrp_explicit.heatmaps import _image
+
+    n = _image.MAX_TOKENS + 250
+    values = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    values[-1] = 4.0  # the largest value is among the tokens not drawn
+    tokens = [f" w{i}" for i in range(n)]
+    fig = _image.figure(tokens, values, "long")
+    texts = [t.get_text() for t in fig.texts]
+    assert sum(t.startswith("w") for t in texts) == _image.MAX_TOKENS
+    assert any(f"the first {_image.MAX_TOKENS} of {n} tokens; 250 more not drawn" in t
+               for t in texts)
+    bar = fig.axes[0]
+    assert max(abs(v) for v in bar.get_xlim()) == pytest.approx(4.0)

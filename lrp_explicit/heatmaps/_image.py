@@ -53,9 +53,14 @@ def _caption_lines(text: str, size: float, width_pt: float) -> list[str]:
     return textwrap.wrap(text, per_line) or [""]
 
 
+#: Tokens drawn at most in a text PNG (its time grows with them: about a second per hundred).
+MAX_TOKENS = 1000
+
+
 def png(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
         segments: Sequence[int] | None = None, image: Tensor | None = None, dpi: int = 150,
-        cmap: Any = None, subtitle: str | None = None, width: float = 9.0) -> bytes:
+        cmap: Any = None, subtitle: str | None = None, width: float = 9.0,
+        max_tokens: int = MAX_TOKENS) -> bytes:
     """The heatmap as PNG bytes, drawn with matplotlib (pyplot's state is not touched).
 
     Text is laid out like text: tokens on boxes of their colour (none for zero relevance),
@@ -76,6 +81,10 @@ def png(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
         A second caption line (model, composite, totals).
     width : float
         Figure width in inches; text wraps to it.
+    max_tokens : int
+        Draw at most this many tokens (the first ones; a last line says how many more there
+        are, and the colours keep the scale of all of them). The HTML, terminal and ``.lrp``
+        views hold every token.
 
     Returns
     -------
@@ -88,18 +97,19 @@ def png(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
         If matplotlib is not installed.
     """
     fig = figure(tokens, relevance, title, segments=segments, image=image, dpi=dpi, cmap=cmap,
-                 subtitle=subtitle, width=width)
+                 subtitle=subtitle, width=width, max_tokens=max_tokens)
     return _bytes(fig, dpi)
 
 
 def figure(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
            segments: Sequence[int] | None = None, image: Tensor | None = None, dpi: int = 150,
-           cmap: Any = None, subtitle: str | None = None, width: float = 9.0) -> Any:
+           cmap: Any = None, subtitle: str | None = None, width: float = 9.0,
+           max_tokens: int = MAX_TOKENS) -> Any:
     """The matplotlib ``Figure`` that :func:`png` saves, to adjust before saving.
 
     Parameters
     ----------
-    tokens, relevance, title, segments, image, dpi, cmap, subtitle, width
+    tokens, relevance, title, segments, image, dpi, cmap, subtitle, width, max_tokens
         As for :func:`png`.
 
     Returns
@@ -114,7 +124,17 @@ def figure(tokens: Sequence[str] | None, relevance: Tensor, title: str, *,
     scale = scale_of(relevance)
     if tokens is not None:
         check_lengths(tokens, norm.numel())
-        return _text_figure(Figure, Canvas, list(tokens), norm.reshape(-1), scale, title,
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        pieces, flat = list(tokens), norm.reshape(-1)
+        if len(pieces) > max_tokens:  # the scale stays that of all tokens
+            rest = len(pieces) - max_tokens
+            pieces, flat = pieces[:max_tokens], flat[:max_tokens]
+            segments = list(segments)[:max_tokens] if segments else segments
+            note = (f"the first {max_tokens} of {len(tokens)} tokens; {rest} more not drawn "
+                    "(the HTML, terminal and .lrp views hold all)")
+            subtitle = f"{subtitle} · {note}" if subtitle else note
+        return _text_figure(Figure, Canvas, pieces, flat, scale, title,
                             subtitle, segments, dpi, width, cmap)
     panels = 2 if image is not None else 1
     fig = Figure(figsize=(3.2 * panels + 1.0, 3.9), dpi=dpi, layout="constrained")
