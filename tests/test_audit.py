@@ -451,13 +451,13 @@ def test_a_foreign_function_is_named_where_it_is_applied():
 
     class Applies(nn.Module):
         def forward(self, x):
-            return Square.apply(x)
+            return RowScale.apply(x)  # not element-wise (an element-wise one is the identity)
 
     model = Mixed(Applies()).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     result = lrp_explicit.check(model, x, "attnlrp")
-    assert result.unruled == [UnruledOp("Square.apply", "mixer", 1)]
-    assert "function:Square" in result.report["mixer"].own_absorbed_by
+    assert result.unruled == [UnruledOp("RowScale.apply", "mixer", 1)]
+    assert "function:RowScale" in result.report["mixer"].own_absorbed_by
 
 
 # ---------------------------------------------------------------------------- NaN location
