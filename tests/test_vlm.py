@@ -1,6 +1,6 @@
 """Vision–language models beyond CLIP and LLaVA, built from tiny configs of the stock
 transformers classes (float64): SigLIP and SigLIP 2 (image–text similarity), Gemma 3 and
-Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE (image-text-to-text).
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE (image-text-to-text).
 
 For each: the forward under the composite is bit-exact (AttnLRP and CP-LRP), ``check`` in
 strict mode is clean over pixels and text together, the relevance of pixels and text equals the
@@ -81,6 +81,16 @@ def qwen25(attn: str = "eager", vocab: int = 64, ids: dict = QWEN_IDS,
                            window_size=16, out_hidden_size=32, fullatt_block_indexes=[1]),
         **ids)
     return tiny(tf.Qwen2_5_VLForConditionalGeneration, config, attn, limit)
+
+
+def qwen2(attn: str = "eager"):
+    config = tf.Qwen2VLConfig(
+        text_config=dict(QWEN_TEXT, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=4,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+        **QWEN_IDS)
+    return tiny(tf.Qwen2VLForConditionalGeneration, config, attn)
 
 
 def qwen3(attn: str = "eager"):
@@ -333,10 +343,11 @@ def qwen_prompt(model, image: torch.Tensor, n: int, seed: int) -> torch.Tensor:
                       torch.tensor([END]), words(n, seed)])
 
 
-MODELS = {"gemma3": gemma3, "qwen2.5-vl": qwen25, "qwen3-vl": qwen3, "qwen3-vl-moe": qwen3_moe}
+MODELS = {"gemma3": gemma3, "qwen2-vl": qwen2, "qwen2.5-vl": qwen25, "qwen3-vl": qwen3,
+          "qwen3-vl-moe": qwen3_moe}
 #: image size (height, width): Qwen's 4 × 8 patches make two windows of Qwen2.5-VL's attention
-SIZES = {"gemma3": (16, 16), "qwen2.5-vl": (16, 32), "qwen3-vl": (16, 32),
-         "qwen3-vl-moe": (16, 32)}
+SIZES = {"gemma3": (16, 16), "qwen2-vl": (16, 32), "qwen2.5-vl": (16, 32),
+         "qwen3-vl": (16, 32), "qwen3-vl-moe": (16, 32)}
 
 
 def vlm_case(name: str, attn: str = "eager", lengths=(5,), seed: int = 0):
