@@ -843,7 +843,7 @@ def explain_dataset(model: nn.Module, data: Any, output: str | os.PathLike, *,
     if isinstance(data, (str, os.PathLike)):
         stat = Path(data).expanduser().stat()
         meta.update(data_size=stat.st_size, data_mtime_ns=stat.st_mtime_ns)
-    meta = jsonable(meta)
+    meta = json.loads(json.dumps(jsonable(meta)))  # as it reads back from lrp_run.json
     folder = Path(output).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; the output is a folder")

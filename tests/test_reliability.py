@@ -315,3 +315,12 @@ def test_long_png_is_capped():
                for t in texts)
     bar = fig.axes[0]
     assert max(abs(v) for v in bar.get_xlim()) == pytest.approx(4.0)
+
+
+def test_int_keys_of_a_unit_target_come_back_as_ints(tmp_path):
+    """Low: a unit target's dict keys (unit indices) came back from load as strings."""
+    target = {"layers.0.mlp.act": {17: 1.0, 3: -1.0}}
+    e = lrp_explicit.Explanation(tokens=["a", "b"], relevance=torch.tensor([1.0, 2.0]),
+                                 score=3.0, target=target, label="units", task="causal-lm")
+    back = lrp_explicit.load(e.save(tmp_path / "u.lrp"))
+    assert back.target == target and list(back.target["layers.0.mlp.act"]) == [17, 3]

@@ -3,6 +3,7 @@ and data; a resume with any of them changed is refused naming what changed; comp
 are never replaced by data fields; one run at a time writes into a folder."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -86,8 +87,9 @@ def test_resume_with_other_data_is_refused(two_models, tok, tmp_path):
 def test_resume_with_another_tokenizer_is_refused(two_models, tok, tmp_path):
     a, _ = two_models
     run(a, tok, DATA[:2], tmp_path / "run")
-    other = bpe_tokenizer()
+    other = copy.deepcopy(bpe_tokenizer())  # the shared (cached) one stays as it is
     other.add_tokens(["zzqx"])
+    assert len(bpe_tokenizer()) == 300
     with pytest.raises(ValueError, match=r"tokenizer changed"):
         run(a, other, DATA, tmp_path / "run")
 

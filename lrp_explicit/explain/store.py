@@ -95,13 +95,15 @@ def register_folder_reader(name: str, reader: Callable[[Path], Any]) -> None:
 
 def jsonable(value: Any) -> Any:
     """``value`` as JSON data: tuples as lists, tensors and numpy numbers as Python numbers or
-    lists, mapping keys as strings, anything else that JSON cannot hold as its ``repr``."""
+    lists, mapping keys as strings (int keys stay ints: :func:`write` keeps them, ``json``
+    writes them as strings), anything else that JSON cannot hold as its ``repr``."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         return value  # NaN and infinities too: Python's json writes and reads them
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {k if isinstance(k, int) and not isinstance(k, bool) else str(k): jsonable(v)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, Tensor):
@@ -168,7 +170,7 @@ def write(path: str | Path, kind: str, meta: Mapping[str, Any],
             raise ValueError(f"{folder}: {links[0]} is a symbolic link; a record's files are "
                              "its own (links are not followed)")
     _clean_stale(folder)
-    data = {"format": FORMAT, "kind": kind, "version": library_version(), **meta}
+    data = _tag_int_keys({"format": FORMAT, "kind": kind, "version": library_version(), **meta})
     text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
     tmp = folder.with_name(f".{folder.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()
@@ -188,6 +190,28 @@ def write(path: str | Path, kind: str, meta: Mapping[str, Any],
             shutil.rmtree(tmp, ignore_errors=True)
     _fsync(folder.parent)
     return folder
+
+
+_INT_KEYS = "__int_keys__"  # a mapping whose keys are ints, as a list of [key, value] pairs
+
+
+def _tag_int_keys(value: Any) -> Any:
+    """Mappings whose keys are all ints as ``{"__int_keys__": [[key, value], …]}`` (JSON keys
+    are strings; :func:`_untag_int_keys` gives the ints back)."""
+    if isinstance(value, Mapping):
+        items = {k: _tag_int_keys(v) for k, v in value.items()}
+        if items and all(isinstance(k, int) and not isinstance(k, bool) for k in items):
+            return {_INT_KEYS: [[k, v] for k, v in items.items()]}
+        return {str(k): v for k, v in items.items()}
+    if isinstance(value, list):
+        return [_tag_int_keys(v) for v in value]
+    return value
+
+
+def _untag_int_keys(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and _INT_KEYS in obj and isinstance(obj[_INT_KEYS], list):
+        return {int(k): v for k, v in obj[_INT_KEYS]}
+    return obj
 
 
 _TMP = ".tmp-"  # ``.NAME.tmp-PID-…``: a record being written
@@ -317,7 +341,8 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         if (folder / name).is_symlink():
             raise ValueError(f"{named / name} is a symbolic link; a record's files are its own")
     try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        meta = json.loads((folder / META).read_text(encoding="utf-8"),
+                          object_hook=_untag_int_keys)
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{named / META}: not readable JSON ({' '.join(str(err).split())}); "
                          "the record is damaged") from err
