@@ -379,3 +379,16 @@ def test_float32_relevance_is_close_to_float64(name):
     relevance, output, _, _ = explain(model, x, "cp-lrp")
     assert torch.equal(output.logits, model(inputs_embeds=x, use_cache=False).logits)
     assert relative_error(relevance.double(), reference) < 1e-5
+
+
+def test_an_unknown_mixer_is_refused_before_any_work():
+    """A mixer class the family knowledge does not list (here a subclass, whose forward may
+    differ) would let its parameters take relevance silently: registration refuses it."""
+    model = build("mamba")
+    mixer = model.backbone.layers[1].mixer
+    mixer.__class__ = type("CustomMixer", (type(mixer),), {})
+    plain = model(inputs_embeds=embeddings(model), use_cache=False).logits
+    with pytest.raises(NotImplementedError, match="CustomMixer"):
+        composites.get("attnlrp", model).register(model)
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
+    assert torch.equal(model(inputs_embeds=embeddings(model), use_cache=False).logits, plain)

@@ -27,7 +27,7 @@ from ..rules.ssm import GatedNormRule, Held, HeldParametersRule
 from .hf import base_rules, check_experts_implementation
 from .variants import register_variants
 
-__all__ = ["MIXERS", "GATED_NORMS", "module_rules"]
+__all__ = ["MIXERS", "GATED_NORMS", "module_rules", "check_mixers"]
 
 _WHY_X_PROJ = ("x_proj is an ordinary linear layer; only the modeling code says that its whole "
                "output is [Δ_low, B, C], the parameters of the scan, not the signal")
@@ -159,6 +159,31 @@ def module_rules(cp_lrp: bool, modules: tuple[str, ...] = ()) -> dict[Any, Calla
     return table
 
 
+def check_mixers(model: nn.Module) -> None:
+    """Refuse a model with a selective mixer this module does not know (a module with an
+    ``A_log`` parameter, the log of the decay every such mixer has, of a class not in
+    :data:`MIXERS`, e.g. from another transformers version) or whose held children are missing:
+    its input-dependent parameters would silently take relevance. Also checks the experts
+    implementation (:func:`~lrp_explicit.composites.hf.check_experts_implementation`)."""
+    check_experts_implementation(model)
+    known = {cls: held for cls, held in ((_load(spec), held) for spec, held in MIXERS.items())
+             if cls is not None}
+    for name, module in model.named_modules():
+        if "A_log" not in module._parameters:
+            continue
+        held = known.get(type(module))
+        if held is None:
+            raise NotImplementedError(
+                f"{name} ({type(module).__name__}) computes state-space parameters from its "
+                "input, and no rule knows where: lrp_explicit.composites.ssm.MIXERS has no entry "
+                "for this class")
+        missing = [c for c in held.children if not isinstance(getattr(module, c, None), nn.Module)]
+        if missing:
+            raise NotImplementedError(
+                f"{name} ({type(module).__name__}) has no child {missing[0]!r}, where its "
+                "parameters are held (a different transformers version?)")
+
+
 for _family, (_types, _modules) in FAMILIES.items():
     register_variants(_family, partial(module_rules, modules=_modules), model_types=_types,
-                      validate=check_experts_implementation)
+                      validate=check_mixers)
