@@ -1,5 +1,6 @@
 """T5 and Flan-T5 encoder–decoders (``T5ForConditionalGeneration``, ``T5Model``,
-``T5EncoderModel`` …).
+``T5EncoderModel`` …), and mT5 and UMT5 (T5's architecture; UMT5 with a position bias in every
+layer).
 
 ``T5LayerNorm`` scales without centring (an RMSNorm under a LayerNorm name): the automatic
 detection finds its output invariant to a scaling but not to a shift of its input, so it takes
@@ -50,4 +51,4 @@ def module_rules() -> dict[Any, Any]:
     return {"*.relative_attention_bias": PositionBiasRule}
 
 
-register_family("t5", ["t5"], module_rules)
+register_family("t5", ["t5", "mt5", "umt5"], module_rules)
