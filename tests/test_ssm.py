@@ -381,14 +381,28 @@ def test_float32_relevance_is_close_to_float64(name):
     assert relative_error(relevance.double(), reference) < 1e-5
 
 
-def test_an_unknown_mixer_is_refused_before_any_work():
+@pytest.mark.parametrize("family", [None, "auto"])
+def test_an_unknown_mixer_is_refused_before_any_work(family):
     """A mixer class the family knowledge does not list (here a subclass, whose forward may
-    differ) would let its parameters take relevance silently: registration refuses it."""
+    differ) would let its parameters take relevance silently: registration refuses it, by the
+    family's composite and by the automatic one."""
     model = build("mamba")
     mixer = model.backbone.layers[1].mixer
     mixer.__class__ = type("CustomMixer", (type(mixer),), {})
     plain = model(inputs_embeds=embeddings(model), use_cache=False).logits
     with pytest.raises(NotImplementedError, match="CustomMixer"):
-        composites.get("attnlrp", model).register(model)
+        composites.get("attnlrp", model, family=family).register(model)
     assert all(p.requires_grad for p in model.parameters())  # nothing changed
     assert torch.equal(model(inputs_embeds=embeddings(model), use_cache=False).logits, plain)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_automatic_composite_equals_the_family(name, variant):
+    """``family="auto"`` holds the mixers' parameters as the family does (float64, 1e-10)."""
+    model = build(name)
+    x = embeddings(model, batch=2)
+    family, _, _, _ = explain(model, x, variant)
+    automatic, _, _, comp = explain(model, x, variant, family="auto")
+    assert "auto" in comp.name
+    assert relative_error(automatic, family) <= 1e-10

@@ -16,6 +16,11 @@ without a line of model-specific code. The composite is built from three sources
 * the shared op table for everything the forward does in functional calls: attention (eager or
   sdpa), rotary embeddings, residuals, gates, MoE routers and experts, soft-capping, pooling.
 
+State-space mixers (Mamba, Mamba 2, gated delta-nets) take the rules of
+:mod:`~lrp_explicit.composites.ssm`, which holds their input-dependent parameters constant
+(MambaLRP); a mixer of a class it does not know (a module with an ``A_log`` parameter) is
+refused at registration, naming the module.
+
 Nothing is guessed: a functional call on the relevance path without a rule raises
 :class:`~lrp_explicit.UnruledOpError` naming the op and the module (the composite is strict by
 default; ``strict=False`` warns instead). On every registered family the automatic composite
@@ -24,6 +29,7 @@ gives the relevance of the family's hand-written composite (``tests/test_auto.py
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 import warnings
 from functools import partial
@@ -278,15 +284,33 @@ class Detector:
 # ---------------------------------------------------------------------------- the composites
 
 
-def _validate(model: nn.Module) -> None:
-    """Checks every Hugging Face model needs: Mixture-of-Experts kernels the rules can see."""
-    from .hf import check_experts_implementation
+def _state_space_rules(cp_lrp: bool) -> dict[Any, RuleFactory]:
+    """The rules of the state-space mixers and gated norms of
+    :mod:`~lrp_explicit.composites.ssm` whose modeling modules are imported (a model of them
+    exists), so that ``family="auto"`` explains them as their family does."""
+    from . import ssm
 
-    check_experts_implementation(model)
+    specs = list(ssm.MIXERS) + list(ssm.GATED_NORMS)
+    loaded = tuple(sorted({spec.split(":")[0].split(".")[2] for spec in specs
+                           if spec.split(":")[0] in sys.modules}))
+    return ssm.module_rules(cp_lrp, modules=loaded) if loaded else {}
+
+
+def _auto_rules(cp_lrp: bool) -> dict[Any, RuleFactory]:
+    return {**known_rules(cp_lrp), **_state_space_rules(cp_lrp)}
+
+
+def _validate(model: nn.Module) -> None:
+    """Checks every Hugging Face model needs: Mixture-of-Experts kernels the rules can see, and
+    no state-space mixer whose input-dependent parameters no rule knows how to hold
+    (:func:`~lrp_explicit.composites.ssm.check_mixers`)."""
+    from .ssm import check_mixers
+
+    check_mixers(model)
 
 
 def _factory(cp_lrp: bool) -> Callable[..., Composite]:
-    build = variant(AUTO, cp_lrp, known_rules, validate=_validate)
+    build = variant(AUTO, cp_lrp, _auto_rules, validate=_validate)
 
     def auto(**options: Any) -> Composite:
         options.setdefault("strict", True)
