@@ -30,6 +30,7 @@ small enough that float32 relevance stays within about 1e-6 relative of float64'
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -224,35 +225,75 @@ def alias(t: Tensor) -> Tensor:
     return AliasFunction.apply(t)
 
 
-def preserve_saved(t: Tensor) -> None:
-    """Keep what a rule saved before ``t`` is updated in place.
+_SAVERS = "_lrp_savers"  # attribute of a relevance-path tensor: weak references to the
+_COPIED = "_lrp_copied"  # rules that saved it; of a rule: the indices of its copied tensors
 
-    Several rules save their output for the backward (ε-linear, LayerNorm, RMSNorm, ε-sums …);
-    modeling code may update that output in place afterwards (``out += residual`` in Falcon,
-    ``tensor *= mask`` in XLM), which autograd reports as a modified saved tensor. Called by the
-    dispatch before every in-place op on the relevance path, this copies, once, the tensors
-    the producer of ``t`` (the rule whose output ``t`` is, or is a view of) saved and that
-    share ``t``'s storage; the rule's backward reads the copies. Nothing is copied unless such
-    an update happens, so the common path pays one attribute lookup per in-place op.
+
+def _save(ctx, *tensors: Tensor | None) -> None:
+    """``ctx.save_for_backward(*tensors)``, and a weak reference to ``ctx`` on every saved
+    relevance-path input (on its base, for a view), so that :func:`preserve_saved` finds the
+    rule if code updates that tensor in place later."""
+    ctx.save_for_backward(*tensors)
+    ref = None
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            base = t._base if t._base is not None else t
+            ref = ref or weakref.ref(ctx)
+            savers = base.__dict__.get(_SAVERS)
+            if savers is None:
+                base.__dict__[_SAVERS] = [ref]
+            else:
+                savers.append(ref)
+
+
+def _own_node(node) -> bool:
+    cls = getattr(type(node), "_forward_cls", None)
+    return cls is not None and (getattr(cls, "__module__", None) or "").startswith("lrp_explicit")
+
+
+def _preserve_node(node, ptr: int) -> None:
+    """Copy the tensors ``node`` saved that live in the storage at ``ptr`` (once each)."""
+    saved = getattr(node, _PRESERVED, None)
+    if saved is None:
+        try:
+            saved = tuple(None if s is None else s.detach() for s in node.saved_tensors)
+        except RuntimeError:  # already modified (an update the dispatch did not see) or freed
+            return
+    copied = getattr(node, _COPIED, frozenset())
+    shared = {i for i, s in enumerate(saved) if s is not None and i not in copied
+              and s.untyped_storage().data_ptr() == ptr}
+    if shared:
+        setattr(node, _PRESERVED, tuple(s.clone() if i in shared else s
+                                        for i, s in enumerate(saved)))
+        setattr(node, _COPIED, copied | shared)
+
+
+def preserve_saved(t: Tensor) -> None:
+    """Keep what rules saved of ``t`` before ``t`` is updated in place.
+
+    Rules save tensors for the backward: their output (ε-linear, LayerNorm, RMSNorm, ε-sums …)
+    and their inputs. Modeling code may update such a tensor in place afterwards
+    (``out += residual`` in Falcon, ``tensor *= mask`` in XLM), which autograd reports as a
+    modified saved tensor. Called by the dispatch before every in-place op on the relevance
+    path, this copies the tensors that share ``t``'s storage and that were saved by the rule
+    whose output ``t`` is (or is a view of) or by the rules that took it as an input
+    (remembered by :func:`_save`); the rules' backward reads the copies. Nothing is copied
+    unless such an update happens.
     """
     base = t._base if t._base is not None else t
+    ptr = base.untyped_storage().data_ptr()
     node = base.grad_fn
     while node is not None and getattr(type(node), "_forward_cls", None) is AliasFunction:
         node = node.next_functions[0][0]  # an alias shares the storage of what it aliases
-    if node is None or getattr(node, _PRESERVED, None) is not None:
-        return
-    cls = getattr(type(node), "_forward_cls", None)
-    if cls is None or not (getattr(cls, "__module__", None) or "").startswith("lrp_explicit"):
-        return
-    try:
-        saved = node.saved_tensors
-    except RuntimeError:  # already modified (an update the dispatch did not see) or freed
-        return
-    ptr = base.untyped_storage().data_ptr()
-    shared = [s is not None and s.untyped_storage().data_ptr() == ptr for s in saved]
-    if any(shared):
-        setattr(node, _PRESERVED,
-                tuple(s.clone() if same else s for s, same in zip(saved, shared)))
+    if node is not None and _own_node(node):
+        _preserve_node(node, ptr)
+    savers = base.__dict__.get(_SAVERS)
+    if savers:
+        for ref in savers:
+            saver = ref()
+            if saver is not None:
+                _preserve_node(saver, ptr)
+        savers.clear()  # copied: a later update of the same tensor finds nothing to do
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +349,7 @@ class MatmulUniformFunction(torch.autograd.Function):
         # (T5's attention before transformers 5.15 adds the position bias with
         # ``scores += position_bias``), which plain autograd's matmul allows; it also keeps the
         # largest tensor of an eager attention (the L × S scores) out of the saved state
-        ctx.save_for_backward(a, b)
+        _save(ctx, a, b)
         return z
 
     @staticmethod
@@ -341,7 +382,7 @@ class LinearEpsilonFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, epsilon: float | None):
         z = F.linear(x, weight, bias)
         ctx.epsilon = epsilon
-        ctx.save_for_backward(x, weight, bias, z)
+        _save(ctx, x, weight, bias, z)
         return z
 
     @staticmethod
@@ -377,7 +418,7 @@ class AddmmEpsilonFunction(torch.autograd.Function):
     def forward(ctx, c, m1, m2, beta, alpha, epsilon, op: Callable = torch.addmm):
         z = op(c, m1, m2, beta=beta, alpha=alpha)
         ctx.beta, ctx.alpha, ctx.epsilon = beta, alpha, epsilon
-        ctx.save_for_backward(c, m1, m2, z)
+        _save(ctx, c, m1, m2, z)
         return z
 
     @staticmethod
@@ -414,7 +455,7 @@ class BilinearUniformFunction(torch.autograd.Function):
     def forward(ctx, fn: Callable, epsilon: float | None, *inputs: Tensor):
         z = fn(*inputs)
         ctx.fn, ctx.epsilon = fn, epsilon
-        ctx.save_for_backward(z, *inputs)
+        _save(ctx, z, *inputs)
         return z
 
     @staticmethod
@@ -468,7 +509,7 @@ class AddEpsilonFunction(torch.autograd.Function):
         ctx.half = z.dtype in _HALF and all(isinstance(t, Tensor) for t in (a, b))
         ctx.needs = (_needs(ctx, 0), _needs(ctx, 1))
         ctx.numbers = tuple(None if isinstance(t, Tensor) else t for t in (a, b))
-        ctx.save_for_backward(*(t if isinstance(t, Tensor) else None for t in (a, b)))
+        _save(ctx, *(t if isinstance(t, Tensor) else None for t in (a, b)))
         return z
 
     @staticmethod
@@ -570,7 +611,7 @@ class SoftmaxFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, dim: int, dtype: torch.dtype | None):
         s = torch.softmax(x, dim, dtype=dtype)
         ctx.dim = dim
-        ctx.save_for_backward(x, s)
+        _save(ctx, x, s)
         return s
 
     @staticmethod
@@ -627,7 +668,7 @@ class AttentionFunction(torch.autograd.Function):
             kwargs["enable_gqa"] = True
         out = F.scaled_dot_product_attention(q, k, v, **kwargs)
         ctx.is_causal, ctx.scale, ctx.epsilon, ctx.hold = is_causal, scale, epsilon, hold_weights
-        ctx.save_for_backward(q, k, v, attn_mask, out)
+        _save(ctx, q, k, v, attn_mask, out)
         return out
 
     @staticmethod
@@ -783,7 +824,7 @@ class FusedAttentionFunction(torch.autograd.Function):
             out = F.scaled_dot_product_attention(*leaves, **kwargs)
         ctx.graph = (leaves, out, need)
         ctx.epsilon, ctx.masked = epsilon, attn_mask is not None
-        ctx.save_for_backward(q, k, v)
+        _save(ctx, q, k, v)
         return out.detach()
 
     @staticmethod
@@ -870,7 +911,7 @@ class LayerNormFunction(torch.autograd.Function):
         y = op(x) if op is not None else F.layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.dims = tuple(range(-len(normalized_shape), 0))
         ctx.eps, ctx.epsilon = eps, epsilon
-        ctx.save_for_backward(x, weight, y)
+        _save(ctx, x, weight, y)
         return y
 
     @staticmethod
@@ -908,7 +949,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, op, epsilon):
         y = op(x)
         ctx.epsilon = epsilon
-        ctx.save_for_backward(y)
+        _save(ctx, y)
         ctx.dtype = x.dtype
         return y
 
@@ -983,7 +1024,7 @@ class ReductionEpsilonFunction(torch.autograd.Function):
         dims = _reduced_dims(x, dim)
         ctx.dims, ctx.keepdim, ctx.epsilon = dims, keepdim, epsilon
         ctx.scale = 1.0 / math.prod(x.shape[d] for d in dims) if is_mean else 1.0
-        ctx.save_for_backward(x, z)
+        _save(ctx, x, z)
         return z
 
     @staticmethod
@@ -1024,7 +1065,7 @@ class VectorNormFunction(torch.autograd.Function):
     def forward(ctx, x, dim, keepdim, epsilon, op):
         y = op(x)
         ctx.dims, ctx.keepdim, ctx.epsilon = _reduced_dims(x, dim), keepdim, epsilon
-        ctx.save_for_backward(x, y)
+        _save(ctx, x, y)
         return y
 
     @staticmethod
@@ -1042,7 +1083,7 @@ class CumsumEpsilonFunction(torch.autograd.Function):
     def forward(ctx, x, dim, epsilon, op):
         z = op(x)
         ctx.dim, ctx.epsilon = dim, epsilon
-        ctx.save_for_backward(x, z)
+        _save(ctx, x, z)
         return z
 
     @staticmethod
@@ -1071,7 +1112,7 @@ class LogSumExpFunction(torch.autograd.Function):
     def forward(ctx, x, dim, keepdim, epsilon, op):
         y = op(x)
         ctx.dims, ctx.keepdim, ctx.epsilon = _reduced_dims(x, dim), keepdim, epsilon
-        ctx.save_for_backward(x, y)
+        _save(ctx, x, y)
         return y
 
     @staticmethod

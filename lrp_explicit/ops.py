@@ -93,7 +93,7 @@ class _AddInplaceFunction(torch.autograd.Function):
         ctx.mark_dirty(a)
         ctx.coef_b, ctx.epsilon = coef_b, epsilon
         # a copy of the output: a later in-place update (``a += c; a += d``) must not change it
-        ctx.save_for_backward(b if isinstance(b, Tensor) else None, a.clone())
+        lf._save(ctx, b if isinstance(b, Tensor) else None, a.clone())
         ctx.other = None if isinstance(b, Tensor) else b
         return a
 
@@ -195,7 +195,7 @@ class _IndexAddFunction(torch.autograd.Function):
         ctx.dim, ctx.alpha, ctx.epsilon = dim, alpha, epsilon
         old = None if inplace or not ctx.needs_input_grad[0] else a
         # a copy: the output may be updated in place again (a loop over experts)
-        ctx.save_for_backward(source, index, z.clone() if inplace else z, old)
+        lf._save(ctx, source, index, z.clone() if inplace else z, old)
         return z
 
     @staticmethod

@@ -313,6 +313,35 @@ def test_in_place_update_of_a_saved_output_keeps_the_rule():
         close(got, want, rtol=1e-12)
 
 
+def test_in_place_update_of_a_saved_input_keeps_the_rule():
+    """A rule that took ``h`` as input saved it; ``h`` updated in place afterwards (twice, and
+    through a view) must not change that rule's relevance."""
+    x = randn(3, 6)
+    w = randn(2, 6)
+
+    def inplace(t):
+        h = F.layer_norm(t, (6,))
+        q = F.linear(h, w)
+        s = h.sum(-1, keepdim=True)
+        h += 1.0
+        h[:, :2] *= 3.0
+        return torch.cat([q, s, h], -1)
+
+    def outofplace(t):
+        h = F.layer_norm(t, (6,))
+        q = F.linear(h, w)
+        s = h.sum(-1, keepdim=True)
+        h = h + 1.0
+        h = torch.cat([h[:, :2] * 3.0, h[:, 2:]], -1)
+        return torch.cat([q, s, h], -1)
+
+    relevance = randn(3, 9)
+    out, (grad,), _ = dispatched(inplace, [x], relevance=relevance)
+    ref, (want,), _ = dispatched(outofplace, [x], relevance=relevance)
+    assert torch.equal(out, ref)
+    close(grad, want, rtol=1e-12)
+
+
 def test_augmented_assignment_on_the_explained_leaf_runs_out_of_place():
     """CTRL scales its input with ``inputs_embeds *= √d``: on the leaf that is explained
     autograd refuses an in-place update; the rebinding form gets the same value out of place,
