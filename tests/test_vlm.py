@@ -564,3 +564,18 @@ def test_cuda_forward_exact_and_equivalent(name):
             assert relative_error(got[key], reference[key]) < 1e-6, (variant, key)
     e = lrp_explicit.explain(model, (images[0].cuda(), prompts[0].tolist()))
     assert e.image.relevance.device.type == "cpu" and e.patches(4).abs().gt(0).any()
+
+
+def test_check_of_a_model_that_ran_before():
+    """transformers installs its capture of hidden states at a model's first forward; LLaVA
+    reads a vision layer's hidden state that the encoder does not return. The audit's ledger
+    follows that relevance out of the encoder on every later check too (its hooks run first)."""
+    from test_llava import build, pixels, prompt
+
+    model = build("sdpa")
+    data = {"input_ids": prompt(5, 2)[None], "pixel_values": pixels(1)}
+    for variant in VARIANTS * 2:
+        report = lrp_explicit.check(model, data, variant, strict=True)
+        assert report.ok, (variant, report.leaks)
+        encoder = next(r for r in report.report.modules if r.name == "model.vision_tower.encoder")
+        assert encoder.relevance_at_output != 0

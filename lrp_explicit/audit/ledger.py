@@ -136,7 +136,10 @@ class Ledger:
                 skip.update(id(m) for m in module.modules() if m is not module)
             self.names[id(module)] = (name or ROOT, module)
             self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._post))
+            # first of the forward hooks: hooks registered before the audit (transformers'
+            # capture of hidden states, installed at a model's first forward) must see the
+            # alias, or relevance would reach the raw output past it
+            self.handles.append(module.register_forward_hook(self._post, prepend=True))
 
     def before_backward(self, explained: Tensor) -> None:
         """Hook every node of the graph of ``explained``, then drop the module hooks."""
