@@ -170,7 +170,7 @@ TINY: dict[str, Any] = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 0,
     "sep_token_id": 2, "cls_token_id": 1, "mask_token_id": 3,
     "image_size": IMAGE_SIZE, "patch_size": 8, "num_channels": 3,
-    "rotary_dim": 8, "mm_tokens_per_image": 4,
+    "rotary_dim": 8, "mm_tokens_per_image": 4, "num_groups": 4,
     "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
     **dict.fromkeys(["linear_num_heads", "linear_num_value_heads", "mamba_n_heads"], 8),
     **dict.fromkeys(["linear_num_key_heads"], 4),
@@ -258,10 +258,14 @@ def tiny_kwargs(cls: type, base: Any | None = None,
     fields = _fields(cls)
     names = set(fields) | set(getattr(cls, "attribute_map", {}) or {})
     tiny = {**TINY, **(extra or {})}
-    kwargs: dict[str, Any] = {k: v for k, v in tiny.items() if k in names}
 
     def value_of(name: str) -> Any:
         return getattr(base, name, None) if base is not None else _default(fields.get(name))
+
+    # a generic scalar never replaces a list (per-stage widths and heads of a vision model:
+    # shrunk as lists below); a value given for this type (``extra``) always does
+    kwargs: dict[str, Any] = {k: v for k, v in tiny.items() if k in names and (
+        (extra and k in extra) or not isinstance(value_of(k), (list, tuple)))}
 
     layers = next((v for v in map(value_of, _LAYER_COUNTS) if isinstance(v, int)), None)
     per_layer = {}
@@ -333,6 +337,8 @@ FALLBACKS: tuple[dict[str, Any], ...] = (
     {},
     dict.fromkeys(_KV_HEADS, 4),  # multi-head latent attention and others without GQA
     {**dict.fromkeys(_KV_HEADS, 4), "num_experts_per_tok": 1},
+    {"image_size": 64},  # vision models that downsample more than 32 times
+    {"image_size": 224, "patch_size": 16},
 )
 
 
@@ -885,7 +891,10 @@ def table(entries: list[Entry]) -> str:
         "to zero conserves the explained logit to 1e-8. A type is **refused** with the first op "
         "without a rule and the module that calls it (strict mode raises there, before any "
         "work), or with the library's own error. *Not conserved* and *crash* are open bugs. A "
-        "type that cannot be built from a tiny configuration is listed with the reason.",
+        "type that cannot be built from a tiny configuration is listed with the reason. "
+        "Regenerate this section with `python -m tests.zoo --jobs 2 --write docs/models.md` "
+        "(on the pinned transformers release, `.ci/constraints.txt`); `tests/test_zoo.py` "
+        "checks that it is the table of a fresh run.",
         "",
         "| head | types | built | forward exact | check clean | CP-LRP conserves | explained |",
         "|---|---:|---:|---:|---:|---:|---:|",
