@@ -305,3 +305,52 @@ def test_fuzz_two_threads_never_silently_wrong(setup, tok):
     model.eval()
     assert_restored(model)
     assert_restored(other)
+
+
+def test_a_pass_does_not_start_while_another_thread_runs_the_forward(setup, tok):
+    """A training forward in flight in another thread when explain starts: registering would
+    change the model under it (rules, eval mode, frozen parameters), so the pass is refused;
+    the training step then finishes with the right gradients."""
+    model, ids, reference, grads = setup
+    inside, release = threading.Event(), threading.Event()
+    results = {}
+
+    def pause(module, args):
+        if threading.current_thread().name == "trainer":
+            inside.set()
+            release.wait(30)
+
+    handle = model.transformer.h[1].register_forward_pre_hook(pause)
+
+    def trainer():
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results["grads"] = all(torch.equal(p.grad, g) for p, g in zip(model.parameters(),
+                                                                       grads))
+
+    def explainer():
+        inside.wait(30)
+        try:
+            lrp_explicit.explain(model, TEXTS[0], tokenizer=tok)
+            results["explain"] = "ran"
+        except CompositeError as err:
+            results["explain"] = str(err)
+        release.set()
+
+    threads = [threading.Thread(target=trainer, name="trainer"),
+               threading.Thread(target=explainer)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        handle.remove()
+        release.set()
+    assert "another thread is running a forward of GPT2LMHeadModel" in results["explain"]
+    assert results["grads"] is True
+    model.eval()
+    assert torch.equal(lrp_explicit.explain(model, TEXTS[0], tokenizer=tok).relevance,
+                       reference[0])
+    assert_restored(model)
