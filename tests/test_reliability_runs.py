@@ -227,3 +227,23 @@ def test_ablate_refuses_an_explanation_of_other_inputs(two_models, tok):
     same_tokens_other_model = lrp_explicit.explain(b, first, target=5)
     with pytest.raises(ValueError, match=r"score .* is not the model's"):
         lrp_explicit.ablate(a, first, "*", k=1, draws=0, explanation=same_tokens_other_model)
+
+
+def test_resume_with_another_adapter_is_refused(tok, tmp_path):
+    """The adapter state is part of a run's identity: the same base model with another LoRA
+    adapter (other weights, or another configuration) is refused."""
+    peft = pytest.importorskip("peft")
+
+    def adapted(rank, seed):
+        base = bpe_gpt2(0)
+        torch.manual_seed(seed)  # the adapter's own initialisation
+        model = peft.get_peft_model(base, peft.LoraConfig(
+            r=rank, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False))
+        return model.double().eval()
+
+    run(adapted(4, 0), tok, DATA[:2], tmp_path / "run")
+    with pytest.raises(ValueError, match=r"model weights changed"):
+        run(adapted(4, 1), tok, DATA, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"adapters changed"):
+        run(adapted(8, 0), tok, DATA, tmp_path / "run")
+    assert len(run(adapted(4, 0), tok, DATA, tmp_path / "run")) == 4
