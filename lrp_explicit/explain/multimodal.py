@@ -1,19 +1,25 @@
-"""Image and text explained together: the image–text similarity of a dual encoder (CLIP) and
-the next token of a vision–language model (LLaVA), with relevance on the pixels *and* the text
-tokens from one backward pass.
+"""Image and text explained together: the image–text similarity of a dual encoder (CLIP,
+SigLIP, SigLIP 2) and the next token of a vision–language model (LLaVA, Gemma 3, Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL), with relevance on the pixels *and* the text tokens from one backward
+pass. Models that take flattened patches (Qwen-VL with ``image_grid_thw``, SigLIP 2 with
+``spatial_shapes``) get pixels cut as their image processors cut them, and their relevance put
+back on the picture.
 
 Both run :func:`~lrp_explicit.pipeline.attribute` on one prepared input with two leaves:
 
-- CLIP (``"image-text-similarity"``): the pixels (``pixel_values``) and the token embeddings of
-  the text. CLIP's text tower takes only ids (it pools at the end-of-text token found in them),
-  so the model runs on the ids and a forward hook on its token embedding hands the explained
-  embeddings (equal in value) to the tower. The explained score of a pair is its entry of
-  ``logits_per_image`` (``exp(s)`` times the cosine of the projected embeddings); a batch of
-  pairs explains the diagonal, one score per pair.
-- LLaVA (``"image-text-to-text"``): the pixels and the prompt's embeddings
-  (``inputs_embeds``, image placeholder tokens included: the model scatters the image features
-  over them). The explained score is the logit of the next token (the prediction, a given
-  token, or each token of the model's own generation).
+- dual encoders (``"image-text-similarity"``): the pixels (``pixel_values``) and the token
+  embeddings of the text. The text towers take only ids (CLIP pools at the end-of-text token
+  found in them, SigLIP at the last token), so the model runs on the ids and a forward hook on
+  its token embedding hands the explained embeddings (equal in value) to the tower. The
+  explained score of a pair is its entry of ``logits_per_image`` (``exp(s)`` times the cosine
+  of the projected embeddings, plus SigLIP's bias); a batch of pairs explains the diagonal, one
+  score per pair.
+- vision–language models (``"image-text-to-text"``): the pixels and the prompt's embeddings
+  (image placeholder tokens included: the model scatters the image features over them), the
+  model run on the ids with the same hook. The explained score is the logit of the next token
+  (the prediction, a given token, or each token of the model's own generation).
+- :func:`prepare_image_text` makes the same two leaves of a dict of model inputs for
+  :func:`lrp_explicit.audit` and :func:`lrp_explicit.check`.
 
 The result, :class:`ImageTextExplanation`, holds an :class:`~lrp_explicit.explain.Explanation`
 of the pixels and one of the text tokens and shows them side by side.
@@ -810,19 +816,26 @@ def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
                             generation_kwargs: Mapping[str, Any] | None = None,
                             batch_size: int = 8
                             ) -> ImageTextExplanation | list[ImageTextExplanation]:
-    """Explain a next token of a vision–language model (``LlavaForConditionalGeneration``) over
-    the image's pixels and the prompt's tokens together, in one backward pass.
+    """Explain a next token of a vision–language model (LLaVA, Gemma 3, Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL) over the image's pixels and the prompt's tokens together, in one backward pass.
+
+    The model runs on the prompt's ids, with the explained embeddings handed over by a hook on
+    its input embedding, so that what it derives from the ids (image placeholders, Qwen's
+    M-RoPE positions) stays; the token types a processor returns beside the ids (Qwen's
+    ``mm_token_type_ids``, Gemma 3's ``token_type_ids``) are derived from them.
 
     Parameters
     ----------
     model : nn.Module
-        A LLaVA model.
+        A vision–language ``…ForConditionalGeneration``.
     inputs : tuple, dict or list
         A pair ``(image, prompt)``: with the model's processor as ``tokenizer``, a PIL image
         and the prompt text (with its image placeholder, e.g. ``"USER: <image>\\nWhat is
-        shown? ASSISTANT:"``); without one, pixel values ``(C, H, W)`` and token ids in which
-        the image token already stands once per image feature. A dict with ``pixel_values``
-        and ``input_ids`` (a processor's output) works too. A list is a batch.
+        shown? ASSISTANT:"``); without one, pixel values ``(C, H, W)`` (Qwen-VL: cut into its
+        flattened patches here, as its image processor does) and token ids in which the image
+        token already stands once per image feature. A dict with ``pixel_values`` and
+        ``input_ids`` (a processor's output, with ``image_grid_thw`` for Qwen-VL) works too. A
+        list is a batch (prompts padded on the right and masked).
     target : int or str, optional
         The explained token (an id or a one-token text); default: the model's prediction.
     composite : Composite
@@ -845,8 +858,10 @@ def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
     Returns
     -------
     ImageTextExplanation or list of ImageTextExplanation
-        The image part's picture is the heatmap drawn over the image (:func:`overlay`); the
-        text part leaves the image placeholder tokens out.
+        The image part's relevance is per pixel ``(H, W)`` (Qwen-VL's patches put back on the
+        picture; :meth:`ImageTextExplanation.patches` sums them per patch), its picture the
+        heatmap drawn over the image (:func:`overlay`); the text part leaves the image
+        placeholder tokens out.
     """
     if composite is None:
         raise TypeError("explain_vision_language needs a resolved composite")
