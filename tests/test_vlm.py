@@ -543,6 +543,10 @@ def test_qwen_with_its_processor():
     assert torch.equal(again.image.relevance, single.image.relevance)
     assert torch.equal(again.text.relevance, single.text.relevance)
     assert relative_error(single.image.relevance, rows[0].image.relevance) < 1e-10
+    # the processor's output dict as the input
+    given = lrp_explicit.explain(model, dict(enc), tokenizer=processor)
+    assert torch.equal(given.image.relevance, single.image.relevance)
+    assert torch.equal(given.text.relevance, single.text.relevance)
     report = lrp_explicit.check(model, enc, strict=True)
     assert report.ok, report
 
