@@ -50,18 +50,20 @@ def test_every_type_is_listed_and_those_that_do_not_build_say_why(entries):
     assert [(e.head, e.model_type, e.cls) for e in entries] == zoo.enumerate_types()
     assert len({e.head for e in entries}) == len(zoo.HEADS)
     assert all(e.built or e.reason for e in entries)
-    # the harness builds most of each head on the pinned release it is tuned for (not a list
-    # of excuses), and some of each head on any release
-    least = 2 if transformers.__version__ == _pinned() else len(zoo.HEADS) * 100
+    # the harness builds at least half of each head on the pinned release it is tuned for
+    # (not a list of excuses), and some of each head on any release
+    pinned = transformers.__version__ == _pinned()
     for head in zoo.HEADS:
         rows = [e for e in entries if e.head == head]
-        assert sum(e.built for e in rows) >= max(1, len(rows) // least), head
+        built = sum(e.built for e in rows)
+        assert built >= (len(rows) / 2 if pinned else 1), (head, built, len(rows))
 
 
 def test_the_forward_is_exact_for_every_type_that_builds(entries):
     measured = [e for e in entries if e.built and e.exact is not None]
     off = [e for e in measured if not e.exact]
-    assert not off, "forward not bit-exact:\n" + _listing(off)
+    assert not off, "forward not bit-exact:\n" + "\n".join(
+        f"  {e.head} {e.model_type}: off by {e.forward_error:.3g} ({e.attn})" for e in off)
     unmeasured = [e for e in entries if e.built and e.exact is None
                   and not e.outcome.startswith("refused")]
     assert not unmeasured, "forward not measured:\n" + _listing(unmeasured)
