@@ -5,16 +5,20 @@ built from a tiny random configuration and explained with the default composite.
 For each type that builds it records
 
 * ``exact`` — the forward under the composite equals the plain forward bit for bit
-  (``torch.equal`` of the logits);
+  (``torch.equal`` of the logits; both with grad enabled, as an explanation runs: on sdpa the
+  kernel PyTorch picks can depend on it);
 * ``clean`` — :func:`lrp_explicit.check` with the default composite (AttnLRP) finds no unruled
   op, no undocumented leak and nothing non-finite;
 * ``conserving`` — CP-LRP with the biases, position / token-type embeddings and constant tokens
   zeroed gives the explained inputs a total relevance equal to the explained logit to 1e-8
   (float64);
 * ``outcome`` — ``"explained"``, ``"refused: <op> in <module>"`` (the first unruled op, or the
-  library's own error before any work) or ``"crash: <exception>"`` (a bug).
+  library's own error before any work), ``"not conserved: …"`` (inexact, leaking or not
+  conserving without an unruled op: a bug) or ``"crash: <exception>"`` (a bug).
 
-Types that do not build from a tiny configuration are kept with the reason (``built`` false).
+The models are float64, in eval mode, on transformers' default attention (sdpa where the model
+has it), 6 tokens and 32 × 32 images. Types that do not build from a tiny configuration are kept
+with the reason (``built`` false).
 Run ``python -m tests.zoo`` from the repository root; ``--write docs/models.md`` regenerates the
 coverage table, ``--json PATH`` writes the raw results, ``--jobs N`` runs N worker processes.
 """
@@ -454,7 +458,7 @@ def make_case(model: nn.Module, task: str) -> Case:
     if task == "image-text":
         return _image_text_case(model, extra)
     ids = _ids(config)
-    if task == "seq2seq":
+    if task == "seq2seq" or getattr(config, "is_encoder_decoder", False):  # BART as a masked LM
         dec = _ids(config, 4, seed=3)
         dec[0, 0] = getattr(config, "decoder_start_token_id", None) or 0
         if _accepts(model, "inputs_embeds") and _accepts(model, "decoder_inputs_embeds"):
