@@ -29,11 +29,10 @@ passes every call through unchanged and the next module entry of that thread cle
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -43,10 +42,11 @@ from torch.overrides import TorchFunctionMode
 from .errors import CompositeError, UnruledOpError, UnruledOpWarning
 from .functional import preserve_saved
 from .ops import INPLACE, OP_NAMES, PASS_THROUGH, Handler, NoRule
+from .rules import Rule
 
 __all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
            "unbind", "enter", "leave", "hooks_installed", "warn_unruled", "owner", "depth",
-           "unwind", "drop", "transparent", "TRUSTED_FUNCTION_MODULES"]
+           "unwind", "drop", "TRUSTED_FUNCTION_MODULES"]
 
 
 class RuleSource(Protocol):
@@ -385,8 +385,9 @@ def _pre_hook(module, args):
                 unwind(stale, exit_mode=False)
         if torch.is_grad_enabled():
             _report_foreign(entry.source, args, entry.path)
-        _push(_Frame(module, None if entry.opaque else entry.source, entry.path,
-                     token=entry.token))
+        # a module rule may let the op rules in (Rule.transparent)
+        opaque = entry.opaque and not (isinstance(module, Rule) and module.transparent)
+        _push(_Frame(module, None if opaque else entry.source, entry.path, token=entry.token))
         return
     if not frames:
         if _state.mode is not None:  # frames were cleared while the mode was in use
@@ -421,26 +422,6 @@ def _post_hook(module, args, output):
             rule = composite.make_rule(frame.rule_factory, module) if composite \
                 else frame.rule_factory(module)
             return rule.forward(*args)
-
-
-@contextlib.contextmanager
-def transparent(rule: nn.Module) -> Iterator[None]:
-    """Inside the module rule ``rule`` (whose inside the dispatch otherwise leaves alone): give
-    the calls of the code run in this block the op rules of ``rule``'s composite, as if the
-    wrapped module had no module rule. For a module the rule cannot take as a whole (an
-    ``nn.Linear`` subclass with a forward of its own, e.g. an MoE router that returns scores
-    and logits), so that each of its functional calls gets its own rule or is reported."""
-    entry = _modules.get(id(rule))
-    if entry is None or not torch.is_grad_enabled():
-        yield
-        return
-    frame = _Frame(rule, entry.source, entry.path, token=entry.token)
-    _push(frame)
-    try:
-        yield
-    finally:
-        if _state.frames and _state.frames[-1] is frame:
-            _pop()
 
 
 def enter(composite: "RuleSource", path: str) -> None:

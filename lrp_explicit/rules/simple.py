@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import BackwardHook
 
-from .. import dispatch
 from .. import functional as lf
 from ..errors import CompositeError
 from ..ops import GATE_ATTR, on_path
@@ -48,6 +47,10 @@ class Rule(nn.Module):
       never computes on weights on the meta device: it raises
       :class:`~lrp_explicit.CompositeError` instead.
     """
+
+    #: True where the rule lets the op dispatch rule the functional calls inside it one by one
+    #: (it is not opaque); read by :mod:`lrp_explicit.dispatch` when the rule is entered.
+    transparent: bool = False
 
     def __init__(self, module: nn.Module, epsilon: float | None = None) -> None:
         super().__init__()
@@ -205,8 +208,17 @@ class EpsilonRule(Rule):
     """ε-rule ``R_x = x ⊙ J(x)ᵀ (R ⊘ s(z))`` for a module linear (affine) in its input.
 
     ``nn.Linear`` and transformers' ``Conv1D`` use closed forms; any other module (``Conv2d``,
-    a custom affine map) takes one vector-Jacobian product in the backward.
+    a custom affine map) takes one vector-Jacobian product in the backward. An ``nn.Linear``
+    subclass with a forward of its own is not known to be linear (Llama 4's and PhiMoE's MoE
+    routers return a tuple of scores and logits): the rule is :attr:`transparent` for it, and
+    each functional call of that forward gets its own op rule (``super().forward`` the ε-rule)
+    or is reported.
     """
+
+    @property
+    def transparent(self) -> bool:  # type: ignore[override]
+        module = self.module
+        return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         module = self.module
@@ -214,12 +226,8 @@ class EpsilonRule(Rule):
             return module.forward(x, *args, **kwargs)
         if type(module) is nn.Linear:
             return lf.linear_epsilon(x, module.weight, module.bias, self.epsilon)
-        if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
-            # a subclass with a forward of its own is not known to be linear (Llama 4's and
-            # PhiMoE's routers return a tuple of scores and logits): each functional call in
-            # it gets its own op rule (``super().forward`` its ε-rule) or is reported
-            with dispatch.transparent(self):
-                return module.forward(x, *args, **kwargs)
+        if self.transparent:
+            return module.forward(x, *args, **kwargs)  # its calls get the op rules
         if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and not args:
             shape = x.shape[:-1] + (module.nf,)
             z = lf.addmm_epsilon(module.bias, x.view(-1, x.size(-1)), module.weight,
