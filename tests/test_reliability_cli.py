@@ -116,3 +116,22 @@ def test_reading_local_data_sends_no_request(tmp_path, monkeypatch):
     data.write_text('{"text": "a cat sat"}\n{"text": "the mat"}\n')
     table = runs.read_data(data)
     assert len(table) == 2 and attempts == []
+
+
+def test_rerun_with_another_model_exits_2_naming_what_changed(folder, tmp_path, capsys,
+                                                              monkeypatch):
+    """High 2 on the command line: a rerun into a run folder with another model of the same
+    class and folder name is refused in one line; --force-new starts afresh."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    other = tmp_path / "elsewhere" / "model"
+    bpe_gpt2(1).save_pretrained(other)
+    bpe_tokenizer().save_pretrained(other)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a cat sat"}\n{"text": "the mat"}\n')
+    out = tmp_path / "run"
+    argv = ["explain-dataset", "--data", str(data), "--output", str(out), "--no-progress"]
+    assert cli.main(argv[:1] + ["--model", str(folder)] + argv[1:]) == 0
+    capsys.readouterr()
+    one_line_exit_2(argv[:1] + ["--model", str(other)] + argv[1:], capsys,
+                    "model weights changed", "--force-new")
+    assert cli.main(argv[:1] + ["--model", str(other)] + argv[1:] + ["--force-new"]) == 0
