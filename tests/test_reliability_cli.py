@@ -112,6 +112,13 @@ def test_reading_local_data_sends_no_request(tmp_path, monkeypatch):
         return real(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", record)
+    lookup = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # without a network a request stops here
+        attempts.append(host)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
     data = tmp_path / "fresh.jsonl"
     data.write_text('{"text": "a cat sat"}\n{"text": "the mat"}\n')
     table = runs.read_data(data)
