@@ -327,6 +327,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "longformer": {"attention_window": [4, 4]},  # it pads the input to a window
+    # any-resolution LLaVA: one 32 × 32 tile (the image is then the tile and its overview)
+    **dict.fromkeys(["llava_next", "llava_next_video", "llava_onevision"],
+                    {"image_grid_pinpoints": [[IMAGE_SIZE, IMAGE_SIZE]]}),
 }
 # multimodal RoPE whose sections the modeling code defaults to those of a 128-wide head
 for _type in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "glm4v", "glm4v_moe", "glm46v",
@@ -547,6 +550,10 @@ def _vision_inputs(model: nn.Module) -> tuple[Tensor, dict[str, Any]]:
     side: dict[str, Any] = {}
     if "image_sizes" in _parameters(model):
         side["image_sizes"] = torch.tensor([list(pixels.shape[-2:])])
+    if getattr(config, "image_grid_pinpoints", None) == [[IMAGE_SIZE, IMAGE_SIZE]]:
+        g = torch.Generator().manual_seed(3)  # the overview and one tile
+        pixels = torch.stack([pixels[0], torch.randn(pixels.shape[1:], generator=g,
+                                                     dtype=pixels.dtype)])[None]
     return pixels, side
 
 
@@ -605,7 +612,7 @@ def logits_of(output: Any) -> Tensor:
 CONSTANT_PATTERNS = ("*position*", "*pos_emb*", "*pos_embed*", "*wpe.weight", "*token_type*",
                      "*cls_token*", "*class_embedding*", "*dist_token*", "*distillation_token*",
                      "*register_tokens*", "*registers*", "*mask_token*", "*absolute_pos*",
-                     "*embed_positions*", "*segment_embedding*")
+                     "*embed_positions*", "*segment_embedding*", "*image_newline*")
 
 
 def is_constant_term(name: str) -> bool:
