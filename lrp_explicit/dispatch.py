@@ -42,7 +42,6 @@ from torch.overrides import TorchFunctionMode
 from .errors import CompositeError, UnruledOpError, UnruledOpWarning
 from .functional import preserve_saved
 from .ops import INPLACE, OP_NAMES, PASS_THROUGH, Handler, NoRule
-from .rules import Rule
 
 __all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
            "unbind", "enter", "leave", "hooks_installed", "warn_unruled", "owner", "depth",
@@ -371,6 +370,15 @@ def _clear_dead(exit_mode: bool = False) -> None:
     unwind(len(frames) if first is None else first, exit_mode)
 
 
+def _transparent(module: nn.Module) -> bool:
+    """True for a module rule that lets the op rules in (``Rule.transparent``; read from the
+    class first, so that other modules cost no failed attribute lookup)."""
+    flag = getattr(type(module), "transparent", False)
+    if isinstance(flag, property):
+        flag = module.transparent
+    return flag is True
+
+
 def _pre_hook(module, args):
     entry = _modules.get(id(module))
     frames = _state.frames
@@ -386,7 +394,7 @@ def _pre_hook(module, args):
         if torch.is_grad_enabled():
             _report_foreign(entry.source, args, entry.path)
         # a module rule may let the op rules in (Rule.transparent)
-        opaque = entry.opaque and not (isinstance(module, Rule) and module.transparent)
+        opaque = entry.opaque and not _transparent(module)
         _push(_Frame(module, None if opaque else entry.source, entry.path, token=entry.token))
         return
     if not frames:

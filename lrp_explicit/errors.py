@@ -6,7 +6,7 @@ layer can import them.
 from __future__ import annotations
 
 __all__ = ["CompositeError", "UnknownCompositeError", "UnknownModelError", "UnruledOpError",
-           "UnruledOpWarning", "RenderError", "InputError"]
+           "UnruledOpWarning", "AutoCompositeWarning", "RenderError", "InputError"]
 
 
 class CompositeError(RuntimeError):
@@ -35,6 +35,11 @@ class UnruledOpError(RuntimeError):
 
 class UnruledOpWarning(UserWarning):
     """An op on the relevance path has no LRP rule; plain autograd was used for it."""
+
+
+class AutoCompositeWarning(UserWarning):
+    """A Hugging Face model of a type without a registered family is explained by the automatic
+    composite (:mod:`lrp_explicit.composites.auto`): one line naming the type."""
 
 
 class InputError(ValueError):

@@ -17,7 +17,7 @@ from torch import nn
 
 import lrp_explicit
 from lrp_explicit import composites, rules
-from lrp_explicit.composites import auto, generic, hf
+from lrp_explicit.composites import auto, detect, generic, hf
 from lrp_explicit.composites.variants import variant
 from lrp_explicit.errors import UnruledOpError
 from families import FAMILIES, inputs, score
@@ -287,8 +287,8 @@ class Gated(nn.Module):
     (Gated(12), None),  # a second argument: not a one-input norm
 ])
 def test_classify_from_the_module_itself(module, kind):
-    assert auto.classify(module.to(D)) == kind
-    assert auto.classify(module.float()) == kind
+    assert detect.classify(module.to(D)) == kind
+    assert detect.classify(module.float()) == kind
 
 
 @pytest.mark.parametrize("module,cls,kind", [
@@ -301,7 +301,7 @@ def test_classify_transformers_norms(module, cls, kind):
     norm = getattr(source, cls)(24).to(D)
     for p in norm.parameters():  # trained weights are not all ones
         nn.init.normal_(p, 0.5, 0.2)
-    assert auto.classify(norm) == kind
+    assert detect.classify(norm) == kind
 
 
 def test_a_statistic_module_is_held_constant():
@@ -328,7 +328,7 @@ def test_a_statistic_module_is_held_constant():
 
 def test_saturated_tanh_is_not_a_norm():
     """tanh of a large input is ±1 whatever the scale: the probe must not call it a norm."""
-    assert auto._norm_kind(nn.Tanh(), 12, D, torch.device("cpu"),
+    assert detect._norm_kind(nn.Tanh(), 12, D, torch.device("cpu"),
                            torch.Generator().manual_seed(0)) is None
 
 
@@ -336,7 +336,7 @@ def test_meta_weights_are_judged_by_name():
     with torch.device("meta"):
         norm = nn.RMSNorm(8)
         other = nn.Linear(8, 8)
-    assert auto.classify(norm) == "rms" and auto.classify(other) is None
+    assert detect.classify(norm) == "rms" and detect.classify(other) is None
 
 
 def test_a_users_norm_in_a_plain_model_takes_the_norm_rule():

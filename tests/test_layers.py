@@ -1,7 +1,7 @@
 """The package's layers: no module imports a module of a layer above it, and no import cycle.
 
 Layers, bottom to top (a module may import its own layer's modules and those below):
-errors/tokens → functional → ops → rules → dispatch → composites → pipeline → latent → heatmaps →
+errors/tokens → functional → ops → dispatch → rules → composites → pipeline → latent → heatmaps →
 explain, audit → runs → testing, evaluation → integrations → vision_task (alias) → cli →
 __main__ → the package root.
 Every import counts: at module level, inside functions, and under ``TYPE_CHECKING``.
@@ -19,8 +19,8 @@ LAYERS = [
     ("errors", "tokens"),
     ("functional",),
     ("ops",),
+    ("dispatch",),  # module rules may run a forward under the dispatch (rules.ssm)
     ("rules",),
-    ("dispatch",),
     ("composites",),
     ("pipeline",),
     ("latent",),

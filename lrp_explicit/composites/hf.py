@@ -2,7 +2,7 @@
 
 A family file names the model types it serves and only what cannot be found from the model
 itself, each entry saying why: norm and activation classes are found from the modules
-(:class:`~lrp_explicit.composites.auto.Detector`); everything else comes from here:
+(:class:`~lrp_explicit.composites.detect.Detector`); everything else comes from here:
 ``nn.Linear`` and transformers' ``Conv1D`` take the ε-rule, every activation class of
 ``transformers.activations`` the identity, ``nn.LayerNorm`` the constant-std rule, and the
 functional calls of the modeling code (attention, rotary embeddings, residuals, gates,
@@ -95,7 +95,7 @@ def register_family(
     -----
     Modules that no table names are looked at when a composite is registered: norms and
     activations are found from the modules themselves
-    (:class:`~lrp_explicit.composites.auto.Detector`), so a family gives only what cannot be
+    (:class:`~lrp_explicit.composites.detect.Detector`), so a family gives only what cannot be
     found that way, and says why.
     """
     def table(cp_lrp: bool) -> dict[Any, Callable[[nn.Module], nn.Module]]:
@@ -118,7 +118,7 @@ def norm_rules(module: str, *classes: str) -> Callable[[], ModuleRules]:
 
     .. deprecated:: 0.3.0
         Norm classes are found from the modules themselves
-        (:class:`~lrp_explicit.composites.auto.Detector`); a family needs no table of them.
+        (:class:`~lrp_explicit.composites.detect.Detector`); a family needs no table of them.
         Kept for one release.
     """
     import warnings

@@ -10,7 +10,7 @@ features, and the text tokens through their embeddings, in one backward pass; th
 embeddings of the image tokens receive none.
 
 Any language model and vision tower: their norm classes are found from the modules themselves
-(:class:`~lrp_explicit.composites.auto.Detector`), so a norm class is never seen op by op.
+(:class:`~lrp_explicit.composites.detect.Detector`), so a norm class is never seen op by op.
 """
 from __future__ import annotations
 

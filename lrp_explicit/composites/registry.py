@@ -7,12 +7,13 @@ contains; a plain PyTorch model takes the ``"generic"`` family. Family modules c
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from ..errors import UnknownModelError
+from ..errors import AutoCompositeWarning, UnknownModelError
 from .base import Composite
 from .wrappers import hf_models, model_type as _own_model_type, unwrap
 
@@ -189,11 +190,15 @@ def get(name: str, model: nn.Module | None = None, *, family: str | None = None,
 
 
 def _warn_fallback(model: nn.Module) -> None:
-    from .auto import warn_fallback
-
+    """Say, in one line, that a Hugging Face model of a type without family takes the
+    automatic composite."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     if config is None:
         found = hf_models(inner)
         inner, config = (found[0][1], found[0][1].config) if found else (inner, None)
-    warn_fallback(getattr(config, "model_type", "?"), type(inner).__name__)
+    warnings.warn(
+        f"lrp_explicit: no composite family is registered for model type "
+        f"{getattr(config, 'model_type', '?')!r} ({type(inner).__name__}); using the automatic "
+        "composite (rules found from the model, strict: an op without rule raises)",
+        AutoCompositeWarning, stacklevel=3)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..ops import CPLRP_OPS, attention_ops
 from .base import Composite
+from .detect import Detector
 from .registry import GENERIC, register
 
 __all__ = ["ModuleRules", "variant", "register_variants"]
@@ -40,7 +41,7 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
         Called with the model at registration (see :class:`~lrp_explicit.Composite`).
     detect : bool
         Find the rules of modules the table does not name from the modules themselves (norms,
-        activations: :class:`~lrp_explicit.composites.auto.Detector`), a fresh detector per
+        activations: :class:`~lrp_explicit.composites.detect.Detector`), a fresh detector per
         composite.
 
     Returns
@@ -63,8 +64,6 @@ def variant(family: str, cp_lrp: bool, module_rules: Callable[[bool], ModuleRule
         if validate is not None:
             options.setdefault("validate", validate)
         if detect:
-            from .auto import Detector
-
             options.setdefault("detect", Detector(cp_lrp))
         return Composite(dict(module_rules(cp_lrp)), ops=table, name=name, **options)
 

@@ -41,6 +41,7 @@ from .. import heatmaps
 from ..composites import Composite, unwrap
 from ..errors import InputError
 from ..pipeline import Prepared, Target, attribute, check_finite, make_leaf
+from ..pipeline.inputs import MAPPING_PREPARERS
 from ..pipeline.targets import (SOFTMAX, as_index, logit_relevance, plain_spec, token_ids,
                                 token_name)
 from .common import model_name, vocabulary
@@ -931,3 +932,8 @@ def explain_vision_language(model: nn.Module, inputs: Any, target: Any = None,
                 latent=_latent_row(result.latent, b, len(chunk)), composite=composite.name,
                 model=model_name(model)))
     return out_rows if batched or generate is not None else out_rows[0]
+
+
+# a dict of model inputs given to audit / check explains pixels and text together
+MAPPING_PREPARERS[IMAGE_TEXT_SIMILARITY] = MAPPING_PREPARERS[IMAGE_TEXT_TO_TEXT] = \
+    prepare_image_text

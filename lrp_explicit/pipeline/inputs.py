@@ -30,6 +30,13 @@ _SUFFIXES = {"causal-lm": ("ForCausalLM", "LMHeadModel"), "masked-lm": ("ForMask
 POSITIONAL = "input"
 
 
+#: Preparers of a dict of model inputs (``input_ids`` and ``pixel_values``) for the tasks whose
+#: inputs the user layer lays out, ``task -> preparer(model, inputs, task) -> Prepared``; the
+#: layer above registers them (:mod:`lrp_explicit.explain.multimodal` the image–text tasks), so
+#: the pipeline never imports it.
+MAPPING_PREPARERS: dict[str, Callable[[nn.Module, Mapping[str, Any], str], "Prepared"]] = {}
+
+
 def task_of(model: nn.Module) -> str | None:
     """The task of a Hugging Face head (by class name: ``…ForCausalLM``, ``…ForMaskedLM``, …);
     ``"similarity"`` for a Hugging Face base model with a vocabulary (a sentence encoder);
@@ -397,12 +404,11 @@ def prepare(model: nn.Module, inputs: Any, tokenizer: Any = None,
             else "inputs_embeds"
         return _from_tensor(model, key, inputs, {})
     if isinstance(inputs, Mapping):
-        if task in ("image-text-similarity", "image-text-to-text") \
+        preparer = MAPPING_PREPARERS.get(task)
+        if preparer is not None \
                 and all(isinstance(inputs.get(k), Tensor) for k in ("input_ids", "pixel_values")) \
                 and not any(isinstance(v, Tensor) and v.requires_grad for v in inputs.values()):
-            from ..explain.multimodal import prepare_image_text  # (explain imports pipeline)
-
-            return prepare_image_text(model, inputs, task)  # pixels and text explained together
+            return preparer(model, inputs, task)  # pixels and text explained together
         return _from_mapping(model, dict(inputs), tokenizer)
     if callable(inputs) and not isinstance(inputs, nn.Module):
         return Prepared({}, call=inputs)
