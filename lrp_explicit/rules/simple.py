@@ -204,6 +204,9 @@ def _add_inner_prefix(rule: nn.Module, state: dict, prefix: str, local_metadata:
             state[prefix + _INNER + key[len(prefix):]] = state.pop(key)
 
 
+_PEFT_TUNERS = "peft.tuners."
+
+
 class EpsilonRule(Rule):
     """ε-rule ``R_x = x ⊙ J(x)ᵀ (R ⊘ s(z))`` for a module linear (affine) in its input.
 
@@ -212,13 +215,16 @@ class EpsilonRule(Rule):
     subclass with a forward of its own is not known to be linear (Llama 4's and PhiMoE's MoE
     routers return a tuple of scores and logits): the rule is :attr:`transparent` for it, and
     each functional call of that forward gets its own op rule (``super().forward`` the ε-rule)
-    or is reported.
+    or is reported. PEFT's adapter layers that subclass ``nn.Linear`` (RandLoRA, VB-LoRA) are
+    linear in their input (the composite refuses unverified kinds), so they keep the ε-rule of
+    the whole layer, as their merged ``nn.Linear`` has.
     """
 
     @property
     def transparent(self) -> bool:  # type: ignore[override]
         module = self.module
-        return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+        return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward \
+            and not type(module).__module__.startswith(_PEFT_TUNERS)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         module = self.module
