@@ -290,16 +290,23 @@ def tiny_kwargs(cls: type, base: Any | None = None,
             kwargs[name] = _mrope(len(value))
         elif isinstance(value, dict) and isinstance(value.get("mrope_section"), list):
             kwargs[name] = {**value, "mrope_section": _mrope(len(value["mrope_section"]))}
-        elif isinstance(value, list) and layers and layers > 2 and len(value) == layers:
-            per_layer[name] = value
-        elif isinstance(value, list):
-            small = _shrink_list(name, value)
+        elif isinstance(value, (list, tuple)) and extra and extra.get(KEEP_LISTS):
+            continue
+        elif isinstance(value, (list, tuple)) and layers and layers > 2 \
+                and len(value) == layers:
+            per_layer[name] = list(value)
+        elif isinstance(value, (list, tuple)):
+            small = _shrink_list(name, list(value))
             if small is not None:
                 kwargs[name] = small
     if per_layer:
         keep = _layer_choice(per_layer)
         for name, value in per_layer.items():
-            kwargs[name] = [value[i] for i in keep]
+            kept = [value[i] for i in keep]
+            # the stages of a vision model (a few per-stage widths, heads, depths) are also
+            # made narrow and shallow
+            stage = _shrink_list(name, kept) if len(value) <= 5 else None
+            kwargs[name] = stage if stage is not None else kept
         for name in _LAYER_COUNTS:
             if name in names and not (extra and name in extra):
                 kwargs[name] = len(keep)
@@ -340,6 +347,8 @@ for _type in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker", "glm4v", "glm4v_
 PREPARE: dict[str, Callable[[nn.Module], None]] = {
     "xmod": lambda model: model.set_default_language(model.config.languages[0]),
 }
+#: Key of a fall-back that leaves list-valued fields (per layer, per stage) as they are.
+KEEP_LISTS = "__keep_lists__"
 #: Generic fall-backs tried in turn when the tiny configuration does not build or run.
 FALLBACKS: tuple[dict[str, Any], ...] = (
     {},
@@ -347,6 +356,7 @@ FALLBACKS: tuple[dict[str, Any], ...] = (
     {**dict.fromkeys(_KV_HEADS, 4), "num_experts_per_tok": 1},
     {"image_size": 64},  # vision models that downsample more than 32 times
     {"image_size": 224, "patch_size": 16},
+    {KEEP_LISTS: True},  # vision models whose per-stage lists must agree in ways not shrunk
 )
 
 
