@@ -736,6 +736,17 @@ def _build_and_run(entry: Entry, model_cls: type, task: str, attn: str | None,
     raise failure or _NotBuilt("no configuration")
 
 
+def _default_builds(model_cls: type, model_type: str) -> bool:
+    """Whether ``model_cls`` builds (on the meta device) from its default configuration."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            count_parameters(model_cls, CONFIG_MAPPING[model_type]())
+        return True
+    except Exception:
+        return False
+
+
 def _run(entry: Entry, attn: str | None) -> None:
     task = HEADS[entry.head][1]
     model_cls = getattr(transformers, entry.cls, None)
@@ -753,6 +764,8 @@ def _run(entry: Entry, attn: str | None) -> None:
                 break
     if built is None:
         entry.reason = reasons[0]
+        if reasons[0].startswith("build:") and not _default_builds(model_cls, entry.model_type):
+            entry.reason += " (transformers' default configuration does not build either)"
         return
     model, case, plain = built
     entry.built = True
