@@ -6,6 +6,7 @@ import fnmatch
 import functools
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any, Callable, Iterator, Mapping
 
@@ -211,14 +212,14 @@ class Composite:
     def _bind(self, model: nn.Module) -> None:
         self.register_thread = threading.get_ident()
         self._guard_forward(model)  # first: a forward of another thread starting now is refused
-        busy = _running_elsewhere(model)  # one that started before is found on its stack
-        if busy:
+        if _running_elsewhere(model):  # one that started before is found on its stack
             raise CompositeError(
-                f"another thread is running a forward of {type(model).__name__} ({busy}); "
+                f"another thread is running a forward of {type(model).__name__}; "
                 "registering now would change the model under it: train and explain the model "
                 "one after the other")
         # the parameter guards go last at remove(), after the flags are back
         self._guard_parameters(model)
+        _wait_for_backward(model)  # one already running may not see the guards: let it end
         # By owner and name: accelerate's hooks replace offloaded parameters at every forward.
         flags = [((m, k), p.requires_grad) for m in model.modules()
                  for k, p in m._parameters.items() if p is not None]
@@ -491,21 +492,79 @@ _CALLS = {code for code in (getattr(getattr(nn.Module, name, None), "__code__", 
                             for name in ("_call_impl", "_wrapped_call_impl")) if code is not None}
 
 
-def _running_elsewhere(model: nn.Module) -> str | None:
-    """The module of ``model`` whose forward another thread is running now (found on that
-    thread's stack), or ``None``."""
-    modules = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+_BACKWARD = getattr(getattr(torch.autograd.graph, "_engine_run_backward", None), "__code__",
+                    None)
+#: Seconds :meth:`Composite.register` waits for another thread's backward pass through the
+#: model's parameters to end (it ends at once: the guards just installed refuse it).
+BACKWARD_WAIT = 10.0
+
+
+def _reaches(roots: Any, params: set[int]) -> bool:
+    """Whether the autograd graph behind ``roots`` (tensors or gradient edges) accumulates into
+    a parameter whose id is in ``params``."""
+    stack = [getattr(r, "grad_fn", None) or getattr(r, "node", None) for r in roots or ()]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if variable is not None and id(variable) in params:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _backward_elsewhere(model: nn.Module) -> bool:
+    """Whether another thread is running a backward pass whose graph reaches ``model``'s
+    parameters (found on that thread's stack)."""
+    if _BACKWARD is None:
+        return False
+    params = {id(p) for p in model.parameters()}
     me = threading.get_ident()
     for ident, frame in sys._current_frames().items():
         if ident == me:
             continue
         while frame is not None:
-            if frame.f_code in _CALLS:
-                name = modules.get(id(frame.f_locals.get("self")))
-                if name is not None:
-                    return f"module {name!r}" if name else "its root"
+            if frame.f_code is _BACKWARD:
+                if _reaches(frame.f_locals.get("t_outputs"), params):
+                    return True
+                break
             frame = frame.f_back
-    return None
+    return False
+
+
+def _wait_for_backward(model: nn.Module) -> None:
+    """Wait until no other thread runs a backward pass through ``model``'s parameters.
+
+    autograd's engine runs without the interpreter lock: a backward already running may have
+    read a parameter's hooks before the guards were installed and then find it frozen, and
+    drop its gradient without a word. Any backward that reaches a guard now raises, so the
+    wait is short; after :data:`BACKWARD_WAIT` seconds registering is refused.
+    """
+    deadline = time.monotonic() + BACKWARD_WAIT
+    while _backward_elsewhere(model):
+        if time.monotonic() > deadline:
+            raise CompositeError(
+                f"another thread is running a backward pass through {type(model).__name__}'s "
+                "parameters; registering now would lose its gradients: train and explain the "
+                "model one after the other")
+        time.sleep(0.001)
+
+
+def _running_elsewhere(model: nn.Module) -> bool:
+    """Whether another thread is running ``model``'s forward now (found on that thread's
+    stack; a call of a submodule alone, such as the input embeddings, does not count)."""
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        while frame is not None:
+            if frame.f_code in _CALLS and frame.f_locals.get("self") is model:
+                return True
+            frame = frame.f_back
+    return False
 
 
 def _restore_flag(place: tuple[nn.Module, str], flag: bool) -> None:
