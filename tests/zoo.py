@@ -264,7 +264,12 @@ def tiny_kwargs(cls: type, base: Any | None = None,
     tiny = {**TINY, **(extra or {})}
 
     def value_of(name: str) -> Any:
-        return getattr(base, name, None) if base is not None else _default(fields.get(name))
+        if base is None:
+            return _default(fields.get(name))
+        try:
+            return getattr(base, name, None)
+        except Exception:  # a per-layer attribute read globally (Gemma 4's head_dim)
+            return None
 
     # a generic scalar never replaces a list (per-stage widths and heads of a vision model:
     # shrunk as lists below); a value given for this type (``extra``) always does
@@ -498,10 +503,13 @@ def _hooked(kwargs: dict[str, Any]) -> Callable[[nn.Module], Any]:
 
 
 def run_inputs(model: nn.Module, inputs: Any) -> Any:
-    """Run ``model`` on a case's inputs (fresh leaves, as the library makes them)."""
+    """Run ``model`` on a case's inputs: tensors that require grad (with grad enabled), made
+    from fresh leaves but not leaves themselves, so that a model may update its input in place
+    (CTRL scales its embeddings with ``*=``); the library's own leaves meet that in (b), (c)."""
     if callable(inputs):
         return inputs(model)
-    return model(**{k: v.detach().clone().requires_grad_(torch.is_grad_enabled())
+    grad = torch.is_grad_enabled()
+    return model(**{k: v.detach().clone().requires_grad_(grad).clone()
                     if isinstance(v, Tensor) and v.requires_grad else v
                     for k, v in inputs.items()})
 
@@ -622,7 +630,8 @@ def logits_of(output: Any) -> Tensor:
 CONSTANT_PATTERNS = ("*position*", "*pos_emb*", "*pos_embed*", "*wpe.weight", "*token_type*",
                      "*cls_token*", "*class_embedding*", "*dist_token*", "*distillation_token*",
                      "*register_tokens*", "*registers*", "*mask_token*", "*absolute_pos*",
-                     "*embed_positions*", "*segment_embedding*", "*image_newline*")
+                     "*embed_positions*", "*segment_embedding*", "*image_newline*",
+                     "*pos_encoding*")
 
 
 def is_constant_term(name: str) -> bool:
