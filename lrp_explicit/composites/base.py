@@ -58,7 +58,7 @@ class Composite:
         removes it too. Both work in relevance space, so their relevances compose.
     detect : callable, optional
         ``detect(name, module)`` returns a rule factory for a module no entry of ``modules``
-        matches, or ``None`` (e.g. :class:`~lrp_explicit.composites.auto.Detector`, which finds
+        matches, or ``None`` (e.g. :class:`~lrp_explicit.composites.detect.Detector`, which finds
         norms and activations from the module itself).
 
     Examples
@@ -287,24 +287,35 @@ class Composite:
                 "(is another thread training it?); its gradients would be lost: train and "
                 "explain the model one after the other")
 
-        handles = [p.register_hook(refuse) for p in model.parameters() if p.requires_grad]
-        self._undo.append(lambda: _each([(h, None) for h in handles],
-                                        lambda h, _: h.remove()))
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [(p, p._backward_hooks) for p in params]
+        handles = [p.register_hook(refuse) for p in params]
+
+        def restore() -> None:
+            _each([(h, None) for h in handles], lambda h, _: h.remove())
+            for p, hooks in before:  # no empty hook dictionary left where there was none
+                if hooks is None and not p._backward_hooks:
+                    p._backward_hooks = None
+
+        self._undo.append(restore)
 
     def _guard_train(self, model: nn.Module) -> None:
-        """``model.train()`` is refused while the model is registered (its rules explain the
-        model in eval mode; the mode comes back at :meth:`remove`), and any ``train()`` from
-        another thread during a pass."""
+        """``model.train()`` from a thread other than the one that registered the composite is
+        refused while the model is registered (that thread would train a model whose
+        parameters are frozen and whose mode the rules own), and any ``train()`` from another
+        thread during a pass. The registering thread may switch modes (transformers
+        checkpoints layers only in training mode); :meth:`remove` restores the mode."""
         inner = model.train
         previous = model.__dict__.get("train")
 
         @functools.wraps(inner)
         def train(mode: bool = True) -> nn.Module:
             self.refuse_other_threads("train()")
-            if mode:
+            if mode and threading.get_ident() != self.register_thread:
                 raise CompositeError(
-                    f"{type(model).__name__} carries {self!r}; train() is refused while it is "
-                    "registered (remove() first; it restores the model's mode)")
+                    f"{type(model).__name__} carries {self!r}; train() from another thread is "
+                    "refused while it is registered (remove() first; it restores the model's "
+                    "mode)")
             return inner(mode)
 
         model.train = train
