@@ -362,12 +362,22 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, tensors
 
 
+#: The parts of a result made of two explanations (an image–text result's pixels and text).
+_PARTS = ("image", "text")
+
+
 def check_record(result: Any, where: str) -> None:
     """Raise ``ValueError`` if a loaded result contradicts itself: tokens, ids, pieces and the
-    relevance's last dimension must agree in length, and relevance must be a float tensor."""
+    relevance's last dimension must agree in length, and relevance must be a float tensor. An
+    image–text result is checked part by part (its ``image`` and its ``text``)."""
     items = list(result) if isinstance(result, list) else [result]
     for i, item in enumerate(items):
         label = f"{where} item {i}" if isinstance(result, list) else where
+        parts = [(name, getattr(item, name, None)) for name in _PARTS]
+        if getattr(item, "relevance", None) is None and all(p is not None for _, p in parts):
+            for name, part in parts:
+                check_record(part, f"{label} ({name})")
+            continue
         relevance = getattr(item, "relevance", None)
         if not isinstance(relevance, Tensor) or not relevance.is_floating_point():
             raise ValueError(f"{label}: tensor 'relevance' is missing or not a float tensor")
