@@ -904,7 +904,9 @@ def scaled_dot_product_attention(
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """LayerNorm with σ held constant and the ε-rule on the remaining linear map."""
+    """LayerNorm with σ held constant and the ε-rule on the remaining linear map: ``g = (R ⊘
+    s(y)) ⊙ w / σ``, ``R_x = x ⊙ (g − mean(g))``, with ``w`` the weight of the affine map after
+    the normalisation (the bias absorbs its share)."""
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps, epsilon, op):
@@ -983,16 +985,18 @@ def rms_norm(
 
 
 def norm_rule(x: Tensor, op: Callable[[Tensor], Tensor], kind: str, *, weight=None, eps=1e-5,
-              epsilon: float | None = None, normalized_shape: Sequence[int] | None = None):
+              epsilon: float | None = None, normalized_shape: Sequence[int] | None = None,
+              bias=None):
     """Apply a norm module's own forward ``op`` with the constant-std rule of ``kind``.
 
-    ``kind`` is ``"layer"`` (centring, needs ``weight``, ``eps`` and ``normalized_shape``)
-    or ``"rms"``. Used by :class:`lrp_explicit.rules.NormRule` for modules of any class.
+    ``kind`` is ``"layer"`` (centring, needs the effective ``weight`` and ``bias`` of the
+    module's affine map, ``eps`` and ``normalized_shape``) or ``"rms"``. Used by
+    :class:`lrp_explicit.rules.NormRule` for modules of any class.
     """
     if kind == "rms":
         return RMSNormFunction.apply(x, op, epsilon)
     shape = tuple(normalized_shape or (x.shape[-1],))
-    return LayerNormFunction.apply(x, shape, weight, None, eps, epsilon, op)
+    return LayerNormFunction.apply(x, shape, weight, bias, eps, epsilon, op)
 
 
 # --------------------------------------------------------------------------------------------

@@ -410,3 +410,57 @@ def test_forward_is_exact_under_the_automatic_composite(attn):
     for name in VARIANTS:
         with composites.get(name, model, family="auto").context(model):
             assert torch.equal(model(ids).logits, plain)
+
+
+def _norm_relevance(norm, x, head):
+    model = nn.Sequential(norm, head).to(D)
+    comp = composites.get("attnlrp", model, family="generic")
+    return relevance(model, comp, {"x": x}, lambda m, xs: m(xs["x"]), lambda o: o[:, 0])["x"]
+
+
+@pytest.mark.parametrize("kind", ["hand", "nemotron"])
+def test_a_layer_norm_of_another_form_takes_the_rule_of_its_own_affine_map(kind):
+    """The LayerNorm rule needs the weight of the affine map after the normalisation: read from
+    the module's own forward, not from an attribute (a user's ``gain``, Nemotron's ``1 + w``).
+    The reference is ``nn.LayerNorm`` holding that effective weight and bias."""
+    torch.manual_seed(0)
+    width = 12
+    if kind == "hand":
+        norm = HandLayerNorm(width)
+        weight, bias = norm.gain.detach(), norm.shift.detach()
+    else:
+        from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
+
+        norm = NemotronLayerNorm1P(width, dtype=D)
+        nn.init.normal_(norm.weight, 0.0, 0.3)
+        nn.init.normal_(norm.bias, 0.0, 0.3)
+        weight, bias = norm.weight.detach() + 1, norm.bias.detach()
+    reference = nn.LayerNorm(width, eps=1e-5, dtype=D)
+    with torch.no_grad():
+        reference.weight.copy_(weight)
+        reference.bias.copy_(bias)
+    head = nn.Linear(width, 2, bias=False, dtype=D)
+    norm = norm.to(D)
+    x = torch.randn(3, width, dtype=D, generator=torch.Generator().manual_seed(1))
+    got = _norm_relevance(norm, x, head)
+    want = _norm_relevance(reference, x, head)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+    plain = nn.LayerNorm(width, dtype=D)  # the raw weight would be wrong: the test can fail
+    with torch.no_grad():
+        plain.weight.copy_(weight - 1 if kind == "nemotron" else torch.ones(width))
+        plain.bias.copy_(bias)
+    assert (_norm_relevance(plain, x, head) - want).abs().max() > 1e-3
+
+
+def test_a_channels_first_layer_norm_is_refused_by_name():
+    class ChannelsFirst(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.transpose(1, -1)).transpose(1, -1)
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), ChannelsFirst(6), nn.Flatten(),
+                          nn.Linear(6 * 4 * 4, 2)).to(D)
+    x = torch.randn(1, 3, 4, 4, dtype=D)
+    comp = composites.get("attnlrp", model)
+    with comp.context(model), pytest.raises(lrp_explicit.CompositeError,
+                                            match=r"ChannelsFirst normalises over \(6,\)"):
+        model(x.requires_grad_())

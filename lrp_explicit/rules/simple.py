@@ -327,10 +327,41 @@ class NormRule(Rule):
             return module.forward(x)
         if self.kind == "rms":
             return lf.norm_rule(x, module.forward, "rms", epsilon=self.epsilon)
-        shape = getattr(module, "normalized_shape", None) or (x.shape[-1],)
+        shape = tuple(getattr(module, "normalized_shape", None) or (x.shape[-1],))
+        if len(shape) != 1 or x.shape[-1] != shape[0]:
+            raise CompositeError(
+                f"{type(module).__name__} normalises over {shape}, not over the last dimension "
+                f"of its input {tuple(x.shape)} (channels first?): the LayerNorm rule does not "
+                "apply; give the module a rule of its own")
         eps = next((getattr(module, n) for n in _RMS_EPS_NAMES if hasattr(module, n)), 1e-5)
-        return lf.norm_rule(x, module.forward, "layer", weight=getattr(module, "weight", None),
-                            eps=eps, epsilon=self.epsilon, normalized_shape=shape)
+        weight, bias = self._affine(x, float(eps))
+        return lf.norm_rule(x, module.forward, "layer", weight=weight, bias=bias, eps=eps,
+                            epsilon=self.epsilon, normalized_shape=shape)
+
+    def _affine(self, x: Tensor, eps: float) -> tuple[Tensor | None, Tensor | None]:
+        """The weight and bias of the module's affine map ``y = n(x) ⊙ w + b``.
+
+        ``nn.LayerNorm`` itself has them as parameters. Any other class is read from its own
+        forward (its weights are frozen while registered; read once per device and dtype): a
+        LayerNorm is odd in its centred input, ``n(−u) = −n(u)``, so ``w = (f(u) − f(−u)) / (2
+        n(u))`` and ``b = (f(u) + f(−u)) / 2`` for a probe row ``u`` of mean 0 — whatever the
+        parameters are called and however they enter (Nemotron's ``1 + w``).
+        """
+        module = self.module
+        if type(module).forward is nn.LayerNorm.forward:
+            return module.weight, module.bias
+        key = (x.device, x.dtype)
+        cached = self.__dict__.setdefault("_affine_cache", {})
+        if key not in cached:
+            width = x.shape[-1]
+            u = torch.randn(width, generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64) * 1e3
+            u = (u - u.mean()).to(device=x.device, dtype=x.dtype)
+            with torch.no_grad():
+                up, down = module.forward(u[None]), module.forward(-u[None])
+            n = u / torch.sqrt(u.square().mean() + eps)
+            cached[key] = ((up - down)[0] / (2 * n), (up + down)[0] / 2)
+        return cached[key]
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}" + (", " + super().extra_repr() if self.epsilon else "")
