@@ -6,7 +6,8 @@ layer can import them.
 from __future__ import annotations
 
 __all__ = ["CompositeError", "UnknownCompositeError", "UnknownModelError", "UnruledOpError",
-           "UnruledOpWarning", "AutoCompositeWarning", "RenderError", "InputError"]
+           "UnruledOpWarning", "UnsupportedModelError", "AutoCompositeWarning", "RenderError",
+           "InputError"]
 
 
 class CompositeError(RuntimeError):
@@ -35,6 +36,12 @@ class UnruledOpError(RuntimeError):
 
 class UnruledOpWarning(UserWarning):
     """An op on the relevance path has no LRP rule; plain autograd was used for it."""
+
+
+class UnsupportedModelError(CompositeError, NotImplementedError):
+    """A model (or a part of it) the rules cannot explain is refused at registration, before
+    any work; the message names the module (an unknown state-space mixer, a Mixture-of-Experts
+    kernel the rules cannot see)."""
 
 
 class AutoCompositeWarning(UserWarning):

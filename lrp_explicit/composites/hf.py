@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 from torch import nn
 
 from .. import rules
+from ..errors import UnsupportedModelError
 from ..ops import name_transformers_ops
 from .generic import ACTIVATIONS
 from .variants import ModuleRules, register_variants
@@ -62,7 +63,7 @@ def check_experts_implementation(model: nn.Module) -> None:
     implementation = next((c._experts_implementation for c in configs
                            if getattr(c, "_experts_implementation", None)), None) or "eager"
     if implementation not in SUPPORTED_EXPERTS:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"experts implementation {implementation!r} runs in kernels the LRP rules cannot "
             f"see; load the model with experts_implementation in {SUPPORTED_EXPERTS}")
 

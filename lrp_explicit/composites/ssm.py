@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..rules.ssm import GatedNormRule, Held, HeldParametersRule
 from .hf import base_rules, check_experts_implementation
 from .variants import register_variants
@@ -173,13 +174,13 @@ def check_mixers(model: nn.Module) -> None:
             continue
         held = known.get(type(module))
         if held is None:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{name} ({type(module).__name__}) computes state-space parameters from its "
                 "input, and no rule knows where: lrp_explicit.composites.ssm.MIXERS has no entry "
                 "for this class")
         missing = [c for c in held.children if not isinstance(getattr(module, c, None), nn.Module)]
         if missing:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"{name} ({type(module).__name__}) has no child {missing[0]!r}, where its "
                 "parameters are held (a different transformers version?)")
 
