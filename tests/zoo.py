@@ -11,7 +11,8 @@ For each type that builds it records
   op, no undocumented leak and nothing non-finite;
 * ``conserving`` — CP-LRP with the biases, position / token-type embeddings and constant tokens
   zeroed gives the explained inputs a total relevance equal to the explained logit to 1e-8
-  (float64);
+  (float64; the modeling code's own casts to float32 kept in float64 for this check,
+  :class:`gxi_ssm.Float64Inside`);
 * ``outcome`` — ``"explained"``, ``"refused: <op> in <module>"`` (the first unruled op, or the
   library's own error before any work), ``"not conserved: …"`` (inexact, leaking or not
   conserving without an unruled op: a bug) or ``"crash: <exception>"`` (a bug).
@@ -50,6 +51,12 @@ import lrp_explicit
 from lrp_explicit import composites
 from lrp_explicit.audit.bias import is_bias
 from lrp_explicit.errors import UnknownModelError
+
+try:
+    from gxi_ssm import Float64Inside
+except ImportError:  # run as ``python -m tests.zoo``: the tests folder is not on the path
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from gxi_ssm import Float64Inside
 
 #: Heads of the zoo: name -> (mapping of model type to class name(s), task of the inputs).
 HEADS: dict[str, tuple[str, str]] = {
@@ -827,10 +834,19 @@ def _explain(entry: Entry, model: nn.Module, case: Case, plain: Tensor) -> None:
         entry.leaks = [f"{k.module} ({k.type})" for k in result.leaks if not k.inherited]
         entry.nonfinite = result.first_nonfinite or result.first_nonfinite_forward
         entry.clean = result.ok
-        # (c) CP-LRP without constant terms conserves the logit
-        with zero_constants(model):
-            report = lrp_explicit.audit(model, case.inputs, case.target, "cp-lrp",
-                                        family=entry.family, strict=False)
+        # (c) CP-LRP without constant terms conserves the logit; the modeling code's own float32
+        # casts (norms, state-space scans computed in float32 whatever the model's dtype) are
+        # kept in float64, else the relevance is rounded to float32 there (the forward of (a)
+        # ran the stock code)
+        def conservation(inside: contextlib.AbstractContextManager) -> Any:
+            with zero_constants(model), inside:
+                return lrp_explicit.audit(model, case.inputs, case.target, "cp-lrp",
+                                          family=entry.family, strict=False)
+
+        try:
+            report = conservation(Float64Inside())
+        except RuntimeError:  # code that needs its float32 tensors (GLM-4V's vision tower)
+            report = conservation(contextlib.nullcontext())
         explained = report.explained
         entry.conservation_error = abs(report.input_total - explained) / max(abs(explained),
                                                                            1e-300)
