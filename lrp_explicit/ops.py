@@ -667,6 +667,27 @@ def _average_pool(func, args, kwargs, epsilon):
     return lf.bilinear_uniform(lambda t: func(t, *args[1:], **options), x, epsilon=epsilon)
 
 
+def _batch_norm(func, args, kwargs, epsilon):
+    """``F.batch_norm`` in eval mode (running statistics): an affine map of each channel,
+    ``z = (x − μ) / σ ⊙ w + b``, so the ε-rule through one vector-Jacobian product (the running
+    mean and the bias absorb their shares). In training mode the statistics are of the batch:
+    no rule."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+             "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    rest = [bound.get(n) for n in names[1:5]]
+    if bound.get("training", False) or bound.get("running_mean") is None \
+            or any(on_path(t) for t in rest):
+        raise NoRule
+    return lf.bilinear_uniform(lambda t: func(*((t,) + tuple(args[1:])), **{
+        k: v for k, v in kwargs.items() if k != "input"}), x, epsilon=epsilon)
+
+
+_names("batch_norm", [F.batch_norm, torch.batch_norm])
+# x / max(‖x‖, eps) with the norm held constant (as a norm's statistic): the identity
+_names("normalize", [F.normalize])
 _names("average_pool", [F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d,
                         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
                         torch.adaptive_avg_pool1d])
@@ -718,6 +739,11 @@ PASS_THROUGH: frozenset = frozenset([
     T.moveaxis, torch.moveaxis, T.squeeze_, T.unsqueeze_, T.transpose_, T.t_,
     torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, T.resolve_conj, T.resolve_neg,
     torch.view_as_real, torch.view_as_complex,
+    # max pooling routes the relevance to each window's winner, as its gradient does; unfold
+    # copies windows (im2col)
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
+    torch.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices, F.unfold,
 ])
 
 _COMMON: dict[str, Handler] = {
@@ -738,6 +764,8 @@ _COMMON: dict[str, Handler] = {
     "batched_addmm": _batched_addmm,
     "convolution": _convolution,
     "average_pool": _average_pool,
+    "batch_norm": _batch_norm,
+    "normalize": _identity,
     "cumsum": _cumsum,
     "logsumexp": _logsumexp,
     "extremum": _extremum,

@@ -545,3 +545,42 @@ def test_cp_lrp_conserves_through_in_place_updates(name):
         y = run(leaf)[0, -1].max()
         y.backward(y.detach())
     assert torch.allclose(leaf.grad.sum(), y.detach(), rtol=1e-8, atol=0)
+
+
+# ---------------------------------------------------------------------------- vision layers
+
+
+def test_batch_norm_in_eval_mode_is_the_epsilon_rule_of_its_affine_map():
+    x, mean, var = randn(2, 3, 4, 4), randn(3), torch.rand(3, dtype=D) + 0.5
+    weight, bias = randn(3), randn(3)
+    out, (r_x,), relevance = dispatched(
+        lambda t: F.batch_norm(t, mean, var, weight, bias, False, 0.1, 1e-5), [x])
+    scale = (weight / torch.sqrt(var + 1e-5)).view(1, 3, 1, 1)
+    close(out, F.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5))
+    close(r_x, x * scale * relevance / s(out))
+
+
+def test_batch_norm_in_training_mode_has_no_rule():
+    x = randn(4, 3, 2, 2)
+    with pytest.raises(lrp_explicit.UnruledOpError, match="batch_norm"):
+        dispatched(lambda t: F.batch_norm(t, None, None, None, None, True), [x])
+
+
+def test_normalize_holds_the_norm_constant():
+    x = randn(3, 5)
+    out, (r_x,), relevance = dispatched(lambda t: F.normalize(t, dim=-1), [x])
+    close(out, F.normalize(x, dim=-1))
+    close(r_x, relevance)  # x / ‖x‖ with ‖x‖ constant: a scaling, the identity rule
+
+
+def test_max_pooling_gives_each_window_to_its_winner_and_unfold_copies():
+    x = randn(1, 2, 4, 4)
+    out, (r_x,), relevance = dispatched(lambda t: F.max_pool2d(t, 2), [x])
+    windows = x.unfold(2, 2, 2).unfold(3, 2, 2).reshape(1, 2, 2, 2, 4)
+    winner = windows.argmax(-1)
+    want = torch.zeros(1, 2, 2, 2, 4, dtype=D).scatter(-1, winner[..., None],
+                                                        relevance[..., None])
+    close(r_x, want.reshape(1, 2, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(1, 2, 4, 4))
+    out, (r_x,), relevance = dispatched(lambda t: F.unfold(t, 2, stride=2), [x])
+    close(r_x.sum(), relevance.sum())  # disjoint windows: every element copied once
+    close(r_x, F.fold(relevance, (4, 4), 2, stride=2))

@@ -81,6 +81,12 @@ OPEN = {
     ("image-text-to-text", "idefics2"): "CP-LRP conserves only to 0.53",
     ("image-text-to-text", "kosmos-2.5"): "CP-LRP conserves only to 0.27",
     ("image-text-to-text", "minimax_m3_vl"): "CP-LRP conserves only to 0.2",
+    # batch-norm networks: the running means are constants of the affine maps (bias-like) the
+    # zoo does not zero; not yet told apart from a rule error
+    ("image-classification", "hgnet_v2"): "CP-LRP conserves only to 0.64",
+    ("image-classification", "mobilenet_v1"): "CP-LRP conserves only to 1",
+    ("image-classification", "mobilenet_v2"): "CP-LRP conserves only to 1",
+    ("image-classification", "swiftformer"): "CP-LRP conserves only to 4e-08",
     # the pixel path is cut (shifted windows, masked units): explain finds no explained input
     ("image-classification", "swin"): "crash: output does not depend on the pixels",
     ("image-classification", "swinv2"): "crash: output does not depend on the pixels",
@@ -91,8 +97,8 @@ OPEN = {
 
 #: Explained types per head on the pinned release, at least (measured; the issue's targets are
 #: zoo.TARGETS).
-FLOOR = {"causal-lm": 163, "masked-lm": 39, "encoder-classification": 20, "seq2seq-lm": 33,
-         "image-classification": 14, "image-text-to-text": 35}
+FLOOR = {"causal-lm": 163, "masked-lm": 41, "encoder-classification": 21, "seq2seq-lm": 33,
+         "image-classification": 18, "image-text-to-text": 38}
 
 
 def _pinned() -> str | None:
