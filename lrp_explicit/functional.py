@@ -1061,9 +1061,9 @@ def mean_epsilon(
     )
 
 
-class VectorNormFunction(torch.autograd.Function):
-    """Euclidean norm ``‖x‖ = sqrt(Σ x_i²)`` as identity ∘ ε-sum ∘ identity:
-    ``R_i = x_i² ⊙ R ⊘ s(Σ x²)``."""
+class _ReductionFunction(torch.autograd.Function):
+    """Base of the rules of a reduction ``y = op(x)`` over ``dim`` whose backward needs the
+    input and the output (subclasses write the backward)."""
 
     @staticmethod
     def forward(ctx, x, dim, keepdim, epsilon, op):
@@ -1071,6 +1071,11 @@ class VectorNormFunction(torch.autograd.Function):
         ctx.dims, ctx.keepdim, ctx.epsilon = _reduced_dims(x, dim), keepdim, epsilon
         _save(ctx, x, y)
         return y
+
+
+class VectorNormFunction(_ReductionFunction):
+    """Euclidean norm ``‖x‖ = sqrt(Σ x_i²)`` as identity ∘ ε-sum ∘ identity:
+    ``R_i = x_i² ⊙ R ⊘ s(Σ x²)``."""
 
     @staticmethod
     def backward(ctx, relevance):
@@ -1107,17 +1112,10 @@ def cumsum_epsilon(x: Tensor, dim: int, epsilon: float | None = None) -> Tensor:
     return CumsumEpsilonFunction.apply(x, dim, epsilon, lambda t: torch.cumsum(t, dim))
 
 
-class LogSumExpFunction(torch.autograd.Function):
+class LogSumExpFunction(_ReductionFunction):
     """``y = log Σ_i exp(x_i)`` over ``dim`` as identity ∘ ε-sum ∘ identity (the rules of its
     three steps): ``R_i = exp(x_i) ⊙ R ⊘ s(Σ exp x) = exp(x_i − y) ⊙ R / (1 + ε·exp(−y))``.
     The second form is the first without overflow; a reduction over only ``−inf`` gives 0."""
-
-    @staticmethod
-    def forward(ctx, x, dim, keepdim, epsilon, op):
-        y = op(x)
-        ctx.dims, ctx.keepdim, ctx.epsilon = _reduced_dims(x, dim), keepdim, epsilon
-        _save(ctx, x, y)
-        return y
 
     @staticmethod
     def backward(ctx, relevance):
