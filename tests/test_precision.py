@@ -298,6 +298,7 @@ def test_default_epsilon_values():
 # ------------------------------------------------------------------------------ benchmark
 
 
+@pytest.mark.slow
 def test_precision_benchmark_smoke(tmp_path):
     """``benchmarks/precision.py`` end to end on tiny settings (LLaMA and BERT, sdpa, no MiniLM):
     it writes the table and the JSON, and float32 at the default ε beats the old default."""

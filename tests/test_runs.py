@@ -259,6 +259,7 @@ def test_cli_explain_dataset_and_evaluate(folder, model_and_tokenizer, tmp_path,
 # ---------------------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_every_row_once(folder, model_and_tokenizer, tmp_path):
     """A run killed by SIGKILL while a shard is being written (its rename slowed down, so the
     kill lands between the temporary file and the rename) leaves only whole shards; the rerun
@@ -309,6 +310,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_row_once(folder, model_and_token
     assert resumed == whole and resumed[:len(partial)] == partial
 
 
+@pytest.mark.slow
 def test_accelerate_launch_gives_the_rows_of_one_process(folder, model_and_tokenizer,
                                                         tmp_path):
     """The same command under ``accelerate launch --num_processes 2`` (gloo on CPU): the rows
@@ -341,6 +343,7 @@ def test_process_gpus_share_the_node():
 # ---------------------------------------------------------------------------- the README
 
 
+@pytest.mark.slow
 def test_readme_section_runs_as_shown_and_torchrun_equals_one_process(folder, tmp_path,
                                                                       monkeypatch):
     """The section "Explaining a dataset": its shell commands (``lrp-explicit`` run as
