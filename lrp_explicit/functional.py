@@ -1103,7 +1103,7 @@ class CumsumEpsilonFunction(torch.autograd.Function):
         # Σ_{t≥s} g_t as a cumulative sum of the reversed sequence (no cancellation of a
         # total minus a prefix)
         later = g.flip(dim).cumsum(dim).flip(dim)
-        return (later.to(x.dtype) * x).to(x.dtype), None, None, None
+        return (later * x).to(x.dtype), None, None, None
 
 
 def cumsum_epsilon(x: Tensor, dim: int, epsilon: float | None = None) -> Tensor:

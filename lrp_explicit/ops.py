@@ -302,18 +302,33 @@ def _div(func, args, kwargs, epsilon):
     return lf.UniformFunction.apply(fn, path)
 
 
+def _only_path(func, args, kwargs) -> tuple[Tensor, Callable[[Tensor], Any]]:
+    """The one argument of a call on the relevance path (positional or keyword) and the call as
+    a function of it; :class:`NoRule` unless exactly one argument is on the path."""
+    where = [i for i, x in enumerate(args) if on_path(x)]
+    keys = [k for k, v in kwargs.items() if on_path(v)]
+    if len(where) + len(keys) != 1:
+        raise NoRule
+    if keys:
+        key = keys[0]
+        return kwargs[key], lambda x: func(*args, **{**kwargs, key: x})
+    i = where[0]
+    return args[i], lambda x: func(*args[:i], x, *args[i + 1:], **kwargs)
+
+
 def _identity(func, args, kwargs, epsilon):
     """Element-wise function of one path tensor (activations, scaling, negation)."""
-    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
-    paths = [i for i, x in enumerate(args) if on_path(x)]
-    if len(paths) != 1 or any(on_path(v) for v in kwargs.values()):
-        raise NoRule
-    i = paths[0]
+    x, call = _only_path(func, args, {k: v for k, v in kwargs.items() if k != "inplace"})
+    return lf.UniformFunction.apply(call, x)
 
-    def fn(x):
-        return func(*args[:i], x, *args[i + 1:], **kwargs)
 
-    return lf.UniformFunction.apply(fn, args[i])
+def _affine(func, args, kwargs, epsilon):
+    """A map affine in its one path tensor, every other argument constant (a convolution's
+    input, average pooling, batch norm in eval mode, a triangular solve's right-hand side): the
+    ε-rule ``R_x = x ⊙ Jᵀ(R ⊘ s(z))`` through one vector-Jacobian product; constant terms (a
+    bias, a running mean) absorb their shares."""
+    x, call = _only_path(func, args, kwargs)
+    return lf.bilinear_uniform(call, x, epsilon=epsilon)
 
 
 def _activation(func, args, kwargs, epsilon):
@@ -501,25 +516,18 @@ def _batched_addmm(func, args, kwargs, epsilon):
 
 def _convolution(func, args, kwargs, epsilon):
     """Functional convolutions (``F.conv1d``/``conv2d``/``conv3d`` and the transposed ones,
-    as the short causal convolution of state-space layers calls them): linear in the input, so
-    the ε-rule ``R_x = x ⊙ Jᵀ(R ⊘ s(z))`` through one vector-Jacobian product; the weight is a
-    constant (frozen) and the bias absorbs its share. A weight on the relevance path makes
-    the convolution bilinear: uniform-ε, half to each."""
+    as the short causal convolution of state-space layers calls them): linear in the input
+    with the weight frozen, so the ε-rule of an affine map (the bias absorbs its share). A
+    weight on the relevance path too makes the convolution bilinear: uniform-ε, half to each."""
     x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    if not (on_path(x) and on_path(weight)):
+        return _affine(func, args, kwargs, epsilon)
     tail = args[2:]
     kwargs = {k: v for k, v in kwargs.items() if k not in ("input", "weight")}
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) \
-            or any(on_path(t) for t in list(tail) + list(kwargs.values())):
+    if any(on_path(t) for t in list(tail) + list(kwargs.values())):
         raise NoRule  # a bias on the path: not linear in the input and weight
-
-    def call(t: Tensor, w: Tensor) -> Tensor:
-        return func(t, w, *tail, **kwargs)
-
-    if on_path(x) and on_path(weight):
-        return lf.bilinear_uniform(call, x, weight, epsilon=epsilon)
-    if on_path(x):
-        return lf.bilinear_uniform(lambda t: call(t, weight), x, epsilon=epsilon)
-    return lf.bilinear_uniform(lambda w: call(x, w), weight, epsilon=epsilon)
+    return lf.bilinear_uniform(lambda t, w: func(t, w, *tail, **kwargs), x, weight,
+                               epsilon=epsilon)
 
 
 def _cumsum(func, args, kwargs, epsilon):
@@ -601,6 +609,32 @@ def _identity_inplace(func, args, kwargs, epsilon):
     return _mark_gate(out)
 
 
+def _batch_norm(func, args, kwargs, epsilon):
+    """``F.batch_norm`` in eval mode (running statistics): an affine map of each channel,
+    ``z = (x − μ) / σ ⊙ w + b``, so the ε-rule of an affine map (the running mean and the bias
+    absorb their shares). In training mode the statistics are of the batch: no rule."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    bound = {**dict(zip(names, args)), **kwargs}
+    if bound.get("training", False) or bound.get("running_mean") is None:
+        raise NoRule
+    return _affine(func, args, kwargs, epsilon)
+
+
+def _solve_triangular(func, args, kwargs, epsilon):
+    """``torch.linalg.solve_triangular(A, B)`` is linear in its right-hand side ``B``: the matrix
+    ``A`` is held constant and ``B`` takes the ε-rule (the UT transform of a gated delta-net,
+    whose matrix is made of keys, β and the decay; MambaLRP holds such parameters constant)."""
+    matrix, rhs = _arg(args, kwargs, 0, "A"), _arg(args, kwargs, 1, "B")
+    if len(args) > 2 or "out" in kwargs or not isinstance(rhs, Tensor):
+        raise NoRule
+    options = {k: v for k, v in kwargs.items() if k not in ("A", "B")}
+    if on_path(matrix):
+        matrix = lf.stop(matrix)
+    if not on_path(rhs):
+        return func(matrix, rhs, **options)
+    return _affine(func, (matrix, rhs), options, epsilon)
+
+
 # ---------------------------------------------------------------------------- the tables
 
 _ACTIVATIONS = [
@@ -655,39 +689,11 @@ _names("matmul", [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm
 _names("einsum", [torch.einsum])
 _names("linear", [F.linear])
 _names("addmm", [torch.addmm, T.addmm])
-def _average_pool(func, args, kwargs, epsilon):
-    """Average pooling (``F.avg_pool1d/2d/3d`` and the adaptive forms; Gemma 3's projector pools
-    the patch features this way): linear in the input with no bias, so the ε-rule of each
-    window's mean through one vector-Jacobian product, ``R_x = x ⊙ Jᵀ(R ⊘ s(z))``."""
-    x = args[0] if args else kwargs.get("input")
-    rest = list(args[1:]) + [v for k, v in kwargs.items() if k != "input"]
-    if not on_path(x) or any(on_path(t) for t in rest):
-        raise NoRule
-    options = {k: v for k, v in kwargs.items() if k != "input"}
-    return lf.bilinear_uniform(lambda t: func(t, *args[1:], **options), x, epsilon=epsilon)
-
-
-def _batch_norm(func, args, kwargs, epsilon):
-    """``F.batch_norm`` in eval mode (running statistics): an affine map of each channel,
-    ``z = (x − μ) / σ ⊙ w + b``, so the ε-rule through one vector-Jacobian product (the running
-    mean and the bias absorb their shares). In training mode the statistics are of the batch:
-    no rule."""
-    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
-             "eps")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    x = bound["input"]
-    rest = [bound.get(n) for n in names[1:5]]
-    if bound.get("training", False) or bound.get("running_mean") is None \
-            or any(on_path(t) for t in rest):
-        raise NoRule
-    return lf.bilinear_uniform(lambda t: func(*((t,) + tuple(args[1:])), **{
-        k: v for k, v in kwargs.items() if k != "input"}), x, epsilon=epsilon)
-
-
 _names("batch_norm", [F.batch_norm, torch.batch_norm])
+_names("solve_triangular", [torch.linalg.solve_triangular])
 # x / max(‖x‖, eps) with the norm held constant (as a norm's statistic): the identity
 _names("normalize", [F.normalize])
+# average pooling (Gemma 3's projector pools the patch features): linear, no bias: ε-rule
 _names("average_pool", [F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d,
                         F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
                         torch.adaptive_avg_pool1d])
@@ -763,7 +769,7 @@ _COMMON: dict[str, Handler] = {
     "activation": _activation,
     "batched_addmm": _batched_addmm,
     "convolution": _convolution,
-    "average_pool": _average_pool,
+    "average_pool": _affine,
     "batch_norm": _batch_norm,
     "normalize": _identity,
     "cumsum": _cumsum,
@@ -772,6 +778,7 @@ _COMMON: dict[str, Handler] = {
     "statistic": _statistic,
     "activation_inplace": _identity_inplace,
     "scatter": _scatter,
+    "solve_triangular": _solve_triangular,
 }
 
 #: AttnLRP (Achtibat et al. 2024): uniform rules for products, softmax as Gradient×Input.
@@ -790,24 +797,3 @@ CPLRP_OPS: dict[str, Handler] = {
     "sdpa": _sdpa(hold_weights=True),
 }
 
-
-# ---------------------------------------------------------------------------- triangular solve
-
-
-def _solve_triangular(func, args, kwargs, epsilon):
-    """``torch.linalg.solve_triangular(A, B)`` is linear in its right-hand side ``B``: the matrix
-    ``A`` is held constant and ``B`` takes the ε-rule (the UT transform of a gated delta-net,
-    whose matrix is made of keys, β and the decay; MambaLRP holds such parameters constant)."""
-    matrix, rhs = _arg(args, kwargs, 0, "A"), _arg(args, kwargs, 1, "B")
-    if len(args) > 2 or "out" in kwargs or not isinstance(rhs, Tensor):
-        raise NoRule
-    options = {k: v for k, v in kwargs.items() if k not in ("A", "B")}
-    if on_path(matrix):
-        matrix = lf.stop(matrix)
-    if not on_path(rhs):
-        return func(matrix, rhs, **options)
-    return lf.bilinear_uniform(lambda b: func(matrix, b, **options), rhs, epsilon=epsilon)
-
-
-_names("solve_triangular", [torch.linalg.solve_triangular])
-ATTNLRP_OPS["solve_triangular"] = CPLRP_OPS["solve_triangular"] = _solve_triangular
