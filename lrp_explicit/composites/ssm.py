@@ -60,44 +60,43 @@ def _zamba_splits(mixer: nn.Module) -> dict[tuple[int, ...], frozenset[int]]:
 _WHY_ZAMBA = ("Zamba's x_proj is a weight per head multiplied in the forward, not a module; only "
               "the modeling code says the split of its product is [Δ_low, B, C]")
 
+#: Mamba 1: the whole output of ``x_proj`` is [Δ_low, B, C].
+_X_PROJ = Held(children=("x_proj",), why=_WHY_X_PROJ)
+#: Mamba 2 and the hybrids that reuse its mixer: Δ, B, C are sections of two splits.
+_MAMBA2 = Held(splits=_mamba2_splits, why=_WHY_MAMBA2)
+
+
+def _delta_net(*children: str) -> Held:
+    """A gated delta-net whose β and decay come from ``children`` (the l2-norm of queries and
+    keys, ``rsqrt`` of a sum of squares, held as a norm's statistic)."""
+    return Held(children=children, outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}),
+                why=_WHY_DELTA)
+
+
+_MODELS = "transformers.models."
+
 #: Mixer classes (``module:Class``) and what each computes from its input and holds constant.
 MIXERS: dict[str, Held] = {
-    "transformers.models.mamba.modeling_mamba:MambaMixer":
-        Held(children=("x_proj",), why=_WHY_X_PROJ),
-    "transformers.models.falcon_mamba.modeling_falcon_mamba:FalconMambaMixer":
-        Held(children=("x_proj",), why=_WHY_X_PROJ),
-    "transformers.models.jamba.modeling_jamba:JambaMambaMixer":
-        Held(children=("x_proj",), why=_WHY_X_PROJ),
-    "transformers.models.zamba.modeling_zamba:ZambaMambaMixer":
-        Held(splits=_zamba_splits, why=_WHY_ZAMBA),
-    "transformers.models.mamba2.modeling_mamba2:Mamba2Mixer":
-        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
+    _MODELS + "mamba.modeling_mamba:MambaMixer": _X_PROJ,
+    _MODELS + "falcon_mamba.modeling_falcon_mamba:FalconMambaMixer": _X_PROJ,
+    _MODELS + "jamba.modeling_jamba:JambaMambaMixer": _X_PROJ,
+    _MODELS + "zamba.modeling_zamba:ZambaMambaMixer": Held(splits=_zamba_splits, why=_WHY_ZAMBA),
+    _MODELS + "mamba2.modeling_mamba2:Mamba2Mixer": _MAMBA2,
     # the hybrids reuse Mamba 2's mixer under their own class names
-    "transformers.models.bamba.modeling_bamba:BambaMixer":
-        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
-    "transformers.models.nemotron_h.modeling_nemotron_h:NemotronHMamba2Mixer":
-        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
-    "transformers.models.zamba2.modeling_zamba2:Zamba2MambaMixer":
-        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
-    "transformers.models.granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer":
-        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
-    "transformers.models.falcon_h1.modeling_falcon_h1:FalconH1Mixer":
-        Held(splits=_mamba2_splits, why=_WHY_MAMBA2),
-    "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet":
-        Held(children=("in_proj_ba",), outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}),
-             why=_WHY_DELTA),
-    "transformers.models.qwen3_5.modeling_qwen3_5:Qwen3_5GatedDeltaNet":
-        Held(children=("in_proj_b", "in_proj_a"),
-             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
-    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeGatedDeltaNet":
-        Held(children=("in_proj_b", "in_proj_a"),
-             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
-    "transformers.models.lara_mini.modeling_lara_mini:LaraMiniGatedDeltaNet":
-        Held(children=("in_proj_b", "in_proj_a"),
-             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
-    "transformers.models.olmo_hybrid.modeling_olmo_hybrid:OlmoHybridGatedDeltaNet":
-        Held(children=("b_proj", "a_proj"),
-             outputs=frozenset({torch.rsqrt, torch.Tensor.rsqrt}), why=_WHY_DELTA),
+    _MODELS + "bamba.modeling_bamba:BambaMixer": _MAMBA2,
+    _MODELS + "nemotron_h.modeling_nemotron_h:NemotronHMamba2Mixer": _MAMBA2,
+    _MODELS + "zamba2.modeling_zamba2:Zamba2MambaMixer": _MAMBA2,
+    _MODELS + "granitemoehybrid.modeling_granitemoehybrid:GraniteMoeHybridMambaLayer": _MAMBA2,
+    _MODELS + "falcon_h1.modeling_falcon_h1:FalconH1Mixer": _MAMBA2,
+    _MODELS + "qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet": _delta_net("in_proj_ba"),
+    _MODELS + "qwen3_5.modeling_qwen3_5:Qwen3_5GatedDeltaNet":
+        _delta_net("in_proj_b", "in_proj_a"),
+    _MODELS + "qwen3_5_moe.modeling_qwen3_5_moe:Qwen3_5MoeGatedDeltaNet":
+        _delta_net("in_proj_b", "in_proj_a"),
+    _MODELS + "lara_mini.modeling_lara_mini:LaraMiniGatedDeltaNet":
+        _delta_net("in_proj_b", "in_proj_a"),
+    _MODELS + "olmo_hybrid.modeling_olmo_hybrid:OlmoHybridGatedDeltaNet":
+        _delta_net("b_proj", "a_proj"),
 }
 
 #: Gated RMSNorms ``norm(x, gate)``: two inputs, and which one is the gate is a convention of
