@@ -318,15 +318,7 @@ class Composite:
                     "mode)")
             return inner(mode)
 
-        model.train = train
-
-        def restore() -> None:
-            if previous is None:
-                model.__dict__.pop("train", None)
-            else:
-                model.train = previous
-
-        self._undo.append(restore)
+        self._replace_method(model, "train", train, previous)
 
     def _guard_forward(self, model: nn.Module) -> None:
         """Drop this thread's frames when an interrupt ends the model's forward.
@@ -352,13 +344,19 @@ class Composite:
                     dispatch.unwind(max(mark - 1, 0))
                 raise
 
-        model.forward = forward
+        self._replace_method(model, "forward", forward, previous)
+
+    def _replace_method(self, model: nn.Module, name: str, method: Callable[..., Any],
+                        previous: Any) -> None:
+        """Set ``method`` as the instance attribute ``name`` of ``model``; the undo step puts
+        back ``previous`` (an instance attribute the model had) or removes it."""
+        setattr(model, name, method)
 
         def restore() -> None:
             if previous is None:
-                model.__dict__.pop("forward", None)
+                model.__dict__.pop(name, None)
             else:
-                model.forward = previous
+                setattr(model, name, previous)
 
         self._undo.append(restore)
 
