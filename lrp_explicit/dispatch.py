@@ -45,7 +45,7 @@ from .ops import INPLACE, OP_NAMES, PASS_THROUGH, Handler, NoRule
 
 __all__ = ["UnruledOpError", "UnruledOpWarning", "RuleSource", "RuleMode", "op_name", "bind",
            "unbind", "enter", "leave", "hooks_installed", "warn_unruled", "owner", "depth",
-           "unwind", "drop", "TRUSTED_FUNCTION_MODULES"]
+           "unwind", "drop", "TRUSTED_FUNCTION_MODULES", "proves_elementwise"]
 
 
 class RuleSource(Protocol):
@@ -143,15 +143,16 @@ _elementwise: dict[type, bool] = {}  # foreign node type -> proven element-wise
 _PROBE_MASKS = 3  # random halves (and their complements) changed by the locality probe
 
 
-def _is_elementwise(cls: type, like: torch.Tensor) -> bool:
-    """True if the autograd Function ``cls`` is proven element-wise on tensors like ``like``.
+def proves_elementwise(fn: Callable[[torch.Tensor], Any], like: torch.Tensor) -> bool:
+    """True if ``fn`` (a foreign Function's ``apply``, a module's ``forward``) is proven
+    element-wise on tensors like ``like``.
 
-    Probed once per Function without gradients, on positive random inputs of ``like``'s shape,
-    dtype and device: ``cls.apply(x)`` must take the one tensor and return a tensor of its
-    shape, and each output element must depend on its own input element only: changing a
-    random half of the inputs (then the other half, three times over) leaves the outputs of
-    the unchanged half bit for bit as they were. A Function that needs other arguments, mixes
-    elements (a reduction, a softmax, a shift) or fails is not element-wise.
+    Probed without gradients, on positive random inputs of ``like``'s shape, dtype and device:
+    ``fn(x)`` must take the one tensor and return a tensor of its shape, and each output element
+    must depend on its own input element only: changing a random half of the inputs (then the
+    other half, three times over) leaves the outputs of the unchanged half bit for bit as they
+    were. A function that needs other arguments, mixes elements (a reduction, a softmax, a
+    shift) or fails is not element-wise.
     """
     generator = torch.Generator().manual_seed(0)
 
@@ -162,13 +163,13 @@ def _is_elementwise(cls: type, like: torch.Tensor) -> bool:
     try:
         with torch.no_grad():
             x = sample()
-            y = cls.apply(x)
+            y = fn(x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 return False
             for _ in range(_PROBE_MASKS):
                 half = torch.rand(x.shape, generator=generator) < 0.5
                 for changed in (half, ~half):
-                    moved = cls.apply(torch.where(changed.to(x.device), sample(), x))
+                    moved = fn(torch.where(changed.to(x.device), sample(), x))
                     kept = ~changed.to(x.device)
                     if not torch.equal(moved[kept].nan_to_num(), y[kept].nan_to_num()):
                         return False
@@ -191,7 +192,7 @@ def _foreign_name(tensor: torch.Tensor, rule: bool = True) -> str | None:
     """``"<Function>.apply"`` if ``tensor`` was made by a foreign autograd Function not yet seen.
 
     A foreign Function with one tensor input that is proven element-wise
-    (:func:`_is_elementwise`, e.g. BLOOM's ``GeLUFunction``, RecurrentGemma's
+    (:func:`proves_elementwise`, e.g. BLOOM's ``GeLUFunction``, RecurrentGemma's
     ``SqrtBoundDerivative``) gets the identity rule instead (unless ``rule`` is False: the
     output of a module rule, whose Functions are the rule): a hook on its backward node
     replaces the input gradient it computes by the relevance at its output.
@@ -213,7 +214,7 @@ def _foreign_name(tensor: torch.Tensor, rule: bool = True) -> str | None:
     if rule and len(node.next_functions) == 1:
         proven = _elementwise.get(kind)
         if proven is None:
-            proven = _elementwise[kind] = _is_elementwise(kind._forward_cls, tensor)
+            proven = _elementwise[kind] = proves_elementwise(kind._forward_cls.apply, tensor)
         if proven:
             node.register_hook(_identity_hook)
             return None

@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .. import rules
+from .. import dispatch, rules
 from .base import RuleFactory
 
 __all__ = ["classify", "Detector"]
@@ -102,16 +102,14 @@ def _is_statistic(module: nn.Module, width: int, dtype: torch.dtype, device: tor
 
 def _is_elementwise(module: nn.Module, dtype: torch.dtype, device: torch.device,
                     generator: torch.Generator) -> bool:
-    """True if ``module`` maps each element of its input on its own: the output of a permuted
-    input is the permuted output, and it is not the input itself."""
+    """True if ``module`` maps each element of its input on its own (the probe of foreign
+    autograd Functions, :func:`lrp_explicit.dispatch.proves_elementwise`) and is not the
+    identity."""
     x = torch.randn(*_PROBE_SHAPE, _FREE_WIDTH, generator=generator, dtype=torch.float64)
     x = x.to(device=device, dtype=dtype)
     y = _probe(module, x)
-    if y is None or torch.equal(y, x):
-        return False
-    order = torch.randperm(x.numel(), generator=generator).to(device)
-    permuted = _probe(module, x.flatten()[order].view(x.shape))
-    return permuted is not None and torch.equal(permuted.flatten(), y.flatten()[order])
+    return y is not None and not torch.equal(y, x) \
+        and dispatch.proves_elementwise(module.forward, x)
 
 
 def classify(module: nn.Module, seed: int = 0) -> str | None:
